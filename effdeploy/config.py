@@ -1,0 +1,216 @@
+"""Typed configuration: every YAML file in configs/ is an instance of these pydantic models.
+
+A model config names a family member (``variant``) and may override any field; the validator
+fills the rest from the published coefficients, so a saved config is always fully concrete and
+rebuilds the exact same network. Errors name the offending field.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from effdeploy.errors import EffdeployError
+from effdeploy.model.arch import B0_STAGES, FAMILY, ArchSpec, Stage, compound_scaling, is_lite, resolve
+
+SePlacement = Literal["after", "before", "none"]
+Activation = Literal["silu", "relu6", "hardswish"]
+Norm = Literal["bn", "gn"]
+Padding = Literal["symmetric", "same"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PreprocessConfig(_Strict):
+    """How an image becomes the model's input tensor. Owned by the model so export, calibration
+    and evaluation can never disagree."""
+
+    resolution: int = Field(224, ge=8)
+    mean: tuple[float, float, float] = IMAGENET_MEAN  # in [0, 1] units, RGB
+    std: tuple[float, float, float] = IMAGENET_STD
+    # "center_crop": resize the short side to resolution / crop_pct, then crop the centre square
+    # (the ImageNet eval protocol); "resize": resize the whole image to resolution x resolution.
+    resize: Literal["center_crop", "resize"] = "center_crop"
+    crop_pct: float = Field(0.875, gt=0, le=1)
+    interpolation: Literal["bilinear", "bicubic"] = "bicubic"
+
+
+class ModelConfig(_Strict):
+    """One member of the EfficientNet family. Unset fields come from ``variant`` (or ``phi``)."""
+
+    variant: str = "b0"
+    phi: float | None = None  # compound coefficient; overrides the variant's published scaling
+    width_mult: float = Field(1.0, gt=0)
+    depth_mult: float = Field(1.0, gt=0)
+    resolution: int = Field(224, ge=8)
+    dropout: float = Field(0.2, ge=0, lt=1)
+    drop_path_rate: float = Field(0.2, ge=0, lt=1)
+    num_classes: int = Field(1000, ge=1)
+    se_placement: SePlacement = "after"
+    se_ratio: float = Field(0.25, gt=0, le=1)
+    activation: Activation = "silu"
+    norm: Norm = "bn"
+    norm_eps: float = Field(1e-3, gt=0)
+    gn_groups: int = Field(8, ge=1)
+    padding: Padding = "symmetric"
+    fix_stem_head: bool = False
+    stages: tuple[Stage, ...] = B0_STAGES
+    preprocess: PreprocessConfig = PreprocessConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_from_variant(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        variant = str(data.get("variant", "b0")).lower()
+        if variant not in FAMILY:
+            raise ValueError(f"variant: unknown {variant!r}; choose one of {', '.join(FAMILY)}")
+        data["variant"] = variant
+        phi = data.get("phi")
+        scaling = compound_scaling(float(phi)) if phi is not None else FAMILY[variant]
+        lite = is_lite(variant)
+        defaults = {
+            "width_mult": scaling.width,
+            "depth_mult": scaling.depth,
+            "resolution": scaling.resolution,
+            "dropout": scaling.dropout,
+            "se_placement": "none" if lite else "after",
+            "activation": "relu6" if lite else "silu",
+            "fix_stem_head": lite,
+        }
+        for key, value in defaults.items():
+            data.setdefault(key, value)
+        pre = dict(data.get("preprocess") or {})
+        pre.setdefault("resolution", data["resolution"])
+        data["preprocess"] = pre
+        return data
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelConfig:
+        if self.preprocess.resolution != self.resolution:
+            raise ValueError(
+                f"preprocess.resolution ({self.preprocess.resolution}) must equal resolution ({self.resolution})"
+            )
+        return self
+
+    @property
+    def has_se(self) -> bool:
+        return self.se_placement != "none"
+
+    def arch(self) -> ArchSpec:
+        """Resolve the stage table into concrete block shapes (see model/arch.py)."""
+        return resolve(
+            stages=self.stages,
+            width=self.width_mult,
+            depth=self.depth_mult,
+            resolution=self.resolution,
+            num_classes=self.num_classes,
+            se_ratio=self.se_ratio,
+            use_se=self.has_se,
+            fix_stem_head=self.fix_stem_head,
+            drop_path_rate=self.drop_path_rate,
+        )
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    """Pydantic's multi-line report squeezed into one line that names each bad field."""
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        parts.append(f"{loc}: {e['msg']}")
+    return f"{source}: invalid config: " + "; ".join(parts)
+
+
+def parse(model_cls: type[BaseModel], data: Any, source: str) -> Any:
+    """Validate ``data`` as ``model_cls``; a failure becomes a one-line EffdeployError."""
+    try:
+        return model_cls.model_validate(data)
+    except ValidationError as err:
+        raise EffdeployError(format_validation_error(err, source)) from None
+
+
+def load_yaml(path: str | Path) -> dict:
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise EffdeployError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise EffdeployError(f"{path}: not valid YAML{where}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise EffdeployError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+class DataConfig(_Strict):
+    """Where the images are. Relative paths are relative to the working directory."""
+
+    train: Path = Path("../shared/data/cifar10/train")
+    test: Path | None = Path("../shared/data/cifar10/test")
+    val_fraction: float = Field(0.1, ge=0, lt=1)  # held out of `train`, stratified
+    split_seed: int = 0
+
+
+class AugmentConfig(_Strict):
+    crop_padding: int = Field(4, ge=0)  # random crop after zero-padding each side by this much
+    hflip: bool = True
+
+
+class TrainConfig(_Strict):
+    """A CPU-efficient recipe: SGD with Nesterov momentum, linear warm-up then cosine decay,
+    label smoothing, per-sample crop/flip on cached pixels, channels_last."""
+
+    epochs: int = Field(15, ge=1)
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(0.2, gt=0)  # peak learning rate, after warm-up
+    warmup_epochs: float = Field(1.0, ge=0)
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = True
+    weight_decay: float = Field(5e-5, ge=0)  # not applied to norm and bias parameters
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
+    augment: AugmentConfig = AugmentConfig()
+    seed: int = 0
+    threads: int | None = None  # torch intra-op threads (None: all cores)
+    eval_batch_size: int = Field(500, ge=1)
+
+
+class ReorderConfig(_Strict):
+    """Knowledge distillation that recovers accuracy after moving or removing SE: the reordered
+    student learns the original model's softened logits on unlabelled training images."""
+
+    steps: int = Field(1500, ge=0)
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(0.02, gt=0)
+    warmup_steps: int = Field(100, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    temperature: float = Field(2.0, gt=0)
+    seed: int = 0
+
+
+class RunConfig(_Strict):
+    """A whole pipeline config file: the sections that exist so far."""
+
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    reorder: ReorderConfig = ReorderConfig()
+
+
+def load_run_config(path: str | Path) -> RunConfig:
+    return parse(RunConfig, load_yaml(path), str(path))

@@ -1,0 +1,1 @@
+"""Images in, model inputs out: datasets, the model-owned preprocessing, calibration sets."""

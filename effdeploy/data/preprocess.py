@@ -1,0 +1,90 @@
+"""The model-owned preprocessing: one implementation used by training, evaluation, calibration
+and export metadata, driven by `PreprocessConfig`, so they can never disagree.
+
+Two steps, split so datasets can cache the expensive one:
+  ``load_rgb`` + ``to_pixels``: decode, convert to RGB, resize/crop -> uint8 HWC (cacheable)
+  ``normalize``: uint8 NHWC -> float32 NCHW, (x/255 - mean) / std
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from effdeploy.config import PreprocessConfig
+from effdeploy.errors import EffdeployError
+
+
+def load_rgb(path: str | Path):
+    """Decode an image file to an RGB PIL image, converting grayscale, palette, CMYK and alpha.
+
+    Raises a one-line EffdeployError naming the file when it is not a decodable image
+    (a text file with a .jpg name, a truncated JPEG, a missing file).
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                img.load()  # force the full decode here so truncation is caught here
+                mode = img.mode
+                if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in img.info):
+                    rgba = img.convert("RGBA")
+                    background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+                    return Image.alpha_composite(background, rgba).convert("RGB")
+                if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+                    arr = np.asarray(img, dtype=np.float64)
+                    hi = arr.max() if arr.size and arr.max() > 0 else 1.0
+                    return Image.fromarray((arr / hi * 255).round().astype(np.uint8)).convert("RGB")
+                return img.convert("RGB")
+    except FileNotFoundError:
+        raise EffdeployError(f"{path}: image not found") from None
+    except UnidentifiedImageError:
+        raise EffdeployError(f"{path}: not an image file (cannot identify format)") from None
+    except OSError as err:
+        raise EffdeployError(f"{path}: corrupt or truncated image ({str(err).splitlines()[0]})") from None
+    except Image.DecompressionBombWarning:
+        raise EffdeployError(f"{path}: image too large (decompression bomb guard)") from None
+
+
+def to_pixels(img, cfg: PreprocessConfig) -> np.ndarray:
+    """Resize/crop an RGB PIL image to ``cfg.resolution`` square; uint8 HWC."""
+    from PIL import Image
+
+    res = cfg.resolution
+    resample = Image.BICUBIC if cfg.interpolation == "bicubic" else Image.BILINEAR
+    if cfg.resize == "resize":
+        if img.size != (res, res):
+            img = img.resize((res, res), resample)
+    else:
+        scale = math.floor(res / cfg.crop_pct)
+        w, h = img.size
+        if w <= h:
+            new_w, new_h = scale, max(scale, round(h * scale / w))
+        else:
+            new_w, new_h = max(scale, round(w * scale / h)), scale
+        if (new_w, new_h) != (w, h):
+            img = img.resize((new_w, new_h), resample)
+        left = (new_w - res) // 2
+        top = (new_h - res) // 2
+        img = img.crop((left, top, left + res, top + res))
+    return np.asarray(img, dtype=np.uint8)
+
+
+def normalize(pixels: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
+    """uint8 HWC or NHWC -> float32 CHW or NCHW, ``(x / 255 - mean) / std``."""
+    x = pixels.astype(np.float32) / 255.0
+    mean = np.asarray(cfg.mean, dtype=np.float32)
+    std = np.asarray(cfg.std, dtype=np.float32)
+    x = (x - mean) / std
+    return np.ascontiguousarray(np.moveaxis(x, -1, -3))
+
+
+def preprocess_file(path: str | Path, cfg: PreprocessConfig) -> np.ndarray:
+    """One image file -> float32 CHW model input."""
+    return normalize(to_pixels(load_rgb(path), cfg), cfg)

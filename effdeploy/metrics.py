@@ -1,0 +1,37 @@
+"""Numbers we print: SNR in dB, top-k accuracy, agreement. One definition each, used everywhere."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def snr_db(reference: np.ndarray, test: np.ndarray) -> float:
+    """10*log10(sum(ref^2) / sum((test - ref)^2)) in dB; +inf when identical."""
+    ref = np.asarray(reference, dtype=np.float64)
+    err = np.asarray(test, dtype=np.float64) - ref
+    noise = float(np.sum(err * err))
+    signal = float(np.sum(ref * ref))
+    if noise == 0.0:
+        return float("inf")
+    if signal == 0.0:
+        return float("-inf")
+    return 10.0 * float(np.log10(signal / noise))
+
+
+def linear_snr_to_db(ratio: float) -> float:
+    """ai-edge-quantizer's validator reports SNR as a linear power ratio; convert to dB."""
+    return 10.0 * float(np.log10(ratio))
+
+
+def topk_accuracy(logits: np.ndarray, labels: np.ndarray, k: int = 1) -> float:
+    k = min(k, logits.shape[1])
+    topk = np.argpartition(-logits, k - 1, axis=1)[:, :k]
+    return float(np.mean(np.any(topk == np.asarray(labels)[:, None], axis=1)))
+
+
+def top1_agreement(reference_logits: np.ndarray, test_logits: np.ndarray) -> float:
+    return float(np.mean(reference_logits.argmax(1) == test_logits.argmax(1)))
+
+
+def max_abs_diff(reference: np.ndarray, test: np.ndarray) -> float:
+    return float(np.max(np.abs(np.asarray(reference, np.float64) - np.asarray(test, np.float64))))

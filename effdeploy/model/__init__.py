@@ -1,0 +1,1 @@
+"""The reference EfficientNet family. Import submodules directly (torch is imported lazily)."""

@@ -1,0 +1,69 @@
+"""Human-facing output: rich tables (and, in later stages, JSON, Markdown and PNG reports)."""
+
+from __future__ import annotations
+
+from effdeploy.model.arch import PAPER_GFLOPS
+
+
+def _console():
+    import sys
+
+    from rich.console import Console
+
+    # a pipe gets a wide, plain table rather than rich's 80-column default
+    return Console(width=None if sys.stdout.isatty() else 140)
+
+
+def _m(n: int) -> str:
+    return f"{n / 1e6:,.3f} M"
+
+
+def print_profile(prof, show_blocks: bool = False) -> None:
+    from rich.table import Table
+
+    console = _console()
+    t = Table(title=f"EfficientNet-{prof.variant.upper()}  se_placement={prof.se_placement}  {prof.resolution}px")
+    t.add_column("layer kind")
+    t.add_column("params", justify="right")
+    t.add_column("MACs", justify="right")
+    t.add_column("% MACs", justify="right")
+    for kind, v in prof.per_kind.items():
+        t.add_row(kind, f"{v['params']:,}", _m(v["macs"]), f"{100 * v['macs'] / prof.macs:.1f}")
+    t.add_row("total", f"{prof.params:,}", _m(prof.macs), "100.0", style="bold")
+    console.print(t)
+    console.print(f"elementwise ops (SE multiply, residual adds, pooling): {_m(prof.elementwise)}")
+    if show_blocks:
+        b = Table(title="per block (ds ratio = depthwise+project cost / standard KxK conv; formula 1/C_out + 1/K^2)")
+        for col in ("block", "in", "exp", "out", "k", "s", "size", "params", "MACs", "ds ratio", "formula"):
+            b.add_column(col, justify="right" if col != "block" else "left")
+        for r in prof.blocks:
+            b.add_row(
+                r.name,
+                str(r.in_channels),
+                str(r.expand_channels),
+                str(r.out_channels),
+                str(r.kernel),
+                str(r.stride),
+                f"{r.in_size}->{r.out_size}",
+                f"{r.params:,}",
+                _m(r.macs),
+                f"{r.ds_ratio:.4f}",
+                f"{r.ds_ratio_formula:.4f}",
+            )
+        console.print(b)
+
+
+def family_markdown(rows) -> str:
+    lines = [
+        "| model | resolution | params | MACs (ours) | FLOPs (paper) |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for p in rows:
+        lines.append(
+            f"| {p.variant.upper()} | {p.resolution} | {p.params:,} | {p.macs / 1e9:.2f} G | {PAPER_GFLOPS[p.variant]} G |"
+        )
+    return "\n".join(lines)
+
+
+def print_family(rows) -> None:
+    print(family_markdown(rows))

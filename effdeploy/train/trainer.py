@@ -1,0 +1,233 @@
+"""Training from scratch on a labelled image folder, sized for a 2-core CPU.
+
+Why it is fast enough: images are decoded once and cached as uint8 pixels; augmentation runs
+per sample but vectorised over the batch; tensors are channels_last. Why it is safe to stop:
+every epoch writes ``last.safetensors`` (weights + config) and ``train_state.pt`` (optimizer,
+RNG streams, history) atomically, so ``--resume`` continues bit-for-bit where it stopped.
+
+Run directory layout::
+
+    <out>/last.safetensors   weights after the latest finished epoch (fp32)
+    <out>/train_state.pt     optimizer + RNG + history (weights_only-loadable)
+    <out>/metrics.jsonl      one JSON object per epoch
+    <out>/run.yaml           the exact config
+    <out>/model.safetensors  the finished model (fp16 storage), written after the last epoch
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from effdeploy.config import RunConfig, TrainConfig, parse
+from effdeploy.data.datasets import PixelDataset, load_pixels, stratified_split
+from effdeploy.errors import EffdeployError
+from effdeploy.fileio import atomic_path, atomic_write_text
+from effdeploy.model.checkpoints import load_checkpoint, save_checkpoint
+from effdeploy.model.efficientnet import EfficientNet
+from effdeploy.progress import progress
+from effdeploy.train.augment import crop_flip
+
+LAST = "last.safetensors"
+STATE = "train_state.pt"
+FINAL = "model.safetensors"
+METRICS = "metrics.jsonl"
+
+
+def to_input(pixels: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """uint8 NHWC -> normalised float NCHW in channels_last memory (no copy of the layout)."""
+    x = (pixels.float().div_(255.0) - mean) / std
+    return x.permute(0, 3, 1, 2)
+
+
+def _norm_tensors(model: EfficientNet) -> tuple[torch.Tensor, torch.Tensor]:
+    pre = model.config.preprocess
+    return torch.tensor(pre.mean, dtype=torch.float32), torch.tensor(pre.std, dtype=torch.float32)
+
+
+@torch.inference_mode()
+def predict_pixels(model: EfficientNet, pixels: np.ndarray, batch_size: int = 500, desc: str = "eval") -> np.ndarray:
+    """Logits for uint8 NHWC pixels, through the model's own normalisation."""
+    model.eval()
+    mean, std = _norm_tensors(model)
+    out = []
+    for s in progress(range(0, len(pixels), batch_size), desc=desc, unit="batch"):
+        out.append(model(to_input(torch.from_numpy(pixels[s : s + batch_size]), mean, std)).float())
+    return torch.cat(out).numpy() if out else np.zeros((0, model.config.num_classes), np.float32)
+
+
+def lr_at(step: int, total_steps: int, warmup_steps: int, cfg: TrainConfig) -> float:
+    """Linear warm-up to ``cfg.lr``, then cosine decay to ``cfg.lr * min_lr_ratio``."""
+    if step < warmup_steps:
+        return cfg.lr * (step + 1) / warmup_steps
+    t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    lo = cfg.lr * cfg.min_lr_ratio
+    return lo + (cfg.lr - lo) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for p in model.parameters():
+        (decay if p.ndim > 1 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _config_fingerprint(run: RunConfig) -> str:
+    return run.model_dump_json(exclude={"train": {"threads", "eval_batch_size"}})
+
+
+def load_split(run: RunConfig, limit: int | None = None) -> tuple[PixelDataset, PixelDataset]:
+    """The training folder decoded and split into (train, validation), deterministically."""
+    data = load_pixels(run.data.train, run.model.preprocess)
+    if len(data.class_names) != run.model.num_classes:
+        raise EffdeployError(
+            f"{run.data.train}: {len(data.class_names)} classes but model.num_classes is {run.model.num_classes}"
+        )
+    if limit is not None:  # smoke runs: a stratified subset, still deterministic
+        from effdeploy.data.datasets import stratified_sample
+
+        data = data.subset(stratified_sample(data.labels, min(limit, len(data)), run.data.split_seed))
+    if run.data.val_fraction > 0:
+        keep, held = stratified_split(data.labels, run.data.val_fraction, run.data.split_seed)
+        return data.subset(keep), data.subset(held)
+    return data, data.subset(np.arange(0))
+
+
+def train(run: RunConfig, out_dir: str | Path, *, resume: bool = False, limit: int | None = None, log=print) -> dict:
+    """Train ``run.model`` on ``run.data.train`` for ``run.train.epochs``; returns the summary."""
+    out_dir = Path(out_dir)
+    cfg = run.train
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    state_file = out_dir / STATE
+    if not resume and (state_file.exists() or (out_dir / FINAL).exists()):
+        raise EffdeployError(f"{out_dir}: already holds a run; pass --resume to continue it or choose another --out")
+    if resume and not state_file.exists():
+        raise EffdeployError(f"{out_dir}: nothing to resume (no {STATE})")
+
+    train_set, val_set = load_split(run, limit)
+    torch.manual_seed(cfg.seed)
+    data_rng = torch.Generator().manual_seed(cfg.seed)
+    history: list[dict] = []
+    start_epoch = 0
+    if resume:
+        model = load_checkpoint(out_dir / LAST)
+        state = torch.load(state_file, map_location="cpu", weights_only=True)
+        saved = parse(RunConfig, json.loads(state["run_config"]), f"{state_file}: run config")
+        if _config_fingerprint(saved) != _config_fingerprint(run):
+            raise EffdeployError(f"{out_dir}: config differs from the run being resumed (see {out_dir / 'run.yaml'})")
+        start_epoch = int(state["epoch"])
+        history = json.loads(state["history"])
+        torch.set_rng_state(state["rng_torch"])
+        data_rng.set_state(state["rng_data"])
+    else:
+        model = EfficientNet(run.model)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        import yaml
+
+        atomic_write_text(out_dir / "run.yaml", yaml.safe_dump(json.loads(run.model_dump_json()), sort_keys=False))
+    model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(
+        param_groups(model, cfg.weight_decay), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov
+    )
+    if resume:
+        opt.load_state_dict(state["optimizer"])
+
+    n = len(train_set)
+    steps_per_epoch = n // cfg.batch_size
+    if steps_per_epoch == 0:
+        raise EffdeployError(f"{run.data.train}: {n} training images, fewer than one batch of {cfg.batch_size}")
+    total_steps = steps_per_epoch * cfg.epochs
+    warmup_steps = int(cfg.warmup_epochs * steps_per_epoch)
+    mean, std = _norm_tensors(model)
+    pixels = torch.from_numpy(train_set.pixels)
+    labels = torch.from_numpy(train_set.labels)
+    log(
+        f"training {run.model.variant} (width {run.model.width_mult}, depth {run.model.depth_mult}, "
+        f"{run.model.resolution}px, se_placement={run.model.se_placement}) on {n} images, "
+        f"validating on {len(val_set)}; epochs {start_epoch + 1}..{cfg.epochs}, {torch.get_num_threads()} threads"
+    )
+
+    for epoch in range(start_epoch, cfg.epochs):
+        model.train()
+        t0 = time.perf_counter()
+        order = torch.randperm(n, generator=data_rng)
+        loss_sum = correct = seen = 0.0
+        bar = progress(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step")
+        for i in bar:
+            step = epoch * steps_per_epoch + i
+            lr = lr_at(step, total_steps, warmup_steps, cfg)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            idx = order[i * cfg.batch_size : (i + 1) * cfg.batch_size]
+            batch = crop_flip(pixels[idx], cfg.augment.crop_padding, cfg.augment.hflip, data_rng)
+            x = to_input(batch, mean, std)
+            y = labels[idx]
+            logits = model(x)
+            loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if not torch.isfinite(loss):
+                raise EffdeployError(f"training diverged at epoch {epoch + 1}, step {i} (loss {loss.item()}); lower lr")
+            bs = len(idx)
+            loss_sum += loss.item() * bs
+            correct += (logits.argmax(1) == y).sum().item()
+            seen += bs
+            if i % 20 == 0:
+                bar.set_postfix(loss=f"{loss_sum / seen:.3f}", lr=f"{lr:.4f}")
+        train_seconds = time.perf_counter() - t0
+        record = {
+            "epoch": epoch + 1,
+            "lr": lr,
+            "train_loss": loss_sum / seen,
+            "train_top1": correct / seen,
+            "train_seconds": round(train_seconds, 1),
+            "images_per_second": round(seen / train_seconds, 1),
+        }
+        if len(val_set):
+            val_logits = predict_pixels(model, val_set.pixels, cfg.eval_batch_size, desc="validate")
+            vl = torch.from_numpy(val_logits)
+            vy = torch.from_numpy(val_set.labels)
+            record["val_loss"] = F.cross_entropy(vl, vy).item()
+            record["val_top1"] = float((vl.argmax(1) == vy).float().mean())
+        record["epoch_seconds"] = round(time.perf_counter() - t0, 1)
+        history.append(record)
+        _save_epoch(out_dir, model, opt, run, epoch + 1, history, data_rng)
+        log(
+            f"epoch {epoch + 1}/{cfg.epochs}: loss {record['train_loss']:.4f}  train {100 * record['train_top1']:.2f}%"
+            + (f"  val {100 * record['val_top1']:.2f}%" if "val_top1" in record else "")
+            + f"  ({record['epoch_seconds']:.0f} s, {record['images_per_second']:.0f} img/s)"
+        )
+
+    final = out_dir / FINAL
+    save_checkpoint(model.to(memory_format=torch.contiguous_format), final, fp16=True)
+    summary = {"out": str(out_dir), "epochs": cfg.epochs, "history": history, "final_checkpoint": str(final)}
+    atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2))
+    return summary
+
+
+def _save_epoch(out_dir: Path, model, opt, run: RunConfig, epoch: int, history: list[dict], data_rng) -> None:
+    save_checkpoint(model, out_dir / LAST)
+    state = {
+        "epoch": epoch,
+        "optimizer": opt.state_dict(),
+        "rng_torch": torch.get_rng_state(),
+        "rng_data": data_rng.get_state(),
+        "history": json.dumps(history),
+        "run_config": run.model_dump_json(),
+    }
+    with atomic_path(out_dir / STATE) as tmp:
+        torch.save(state, tmp)
+    atomic_write_text(out_dir / METRICS, "".join(json.dumps(r) + "\n" for r in history))
+
+
+def main_log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
