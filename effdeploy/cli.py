@@ -203,9 +203,51 @@ def reorder(
 
 
 @app.command()
-def export() -> None:
-    """Export to ONNX and TFLite and measure fidelity against PyTorch."""
-    _not_built("export", "see the export issue")
+def export(
+    config: Annotated[
+        Path, typer.Option("--config", "-c", help="run config (checkpoint, model, export)")
+    ] = DEFAULT_CONFIG,
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="artifact directory (default artifacts/<name>)")
+    ] = None,
+    model: Annotated[str | None, typer.Option("--model", "-m", help="export a family member (b0..b7, lite0..)")] = None,
+    random_init: Annotated[bool, typer.Option("--random-init", help="with --model: random weights (seed 0)")] = False,
+    fidelity_data: Annotated[
+        Path | None, typer.Option(help="image folder or calibration file to measure fidelity on")
+    ] = None,
+    images: Annotated[int | None, typer.Option(help="number of fidelity images")] = None,
+    formats: Annotated[str | None, typer.Option(help="comma list: onnx,tflite")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the manifest's fidelity as JSON")] = False,
+) -> None:
+    """Export to ONNX and TFLite and measure fidelity against PyTorch on real images."""
+    from effdeploy import report
+    from effdeploy.config import ExportConfig, ModelConfig, RunConfig, load_run_config, parse
+    from effdeploy.export.pipeline import export_run
+    from effdeploy.train.trainer import main_log
+
+    if model is not None:
+        if not random_init:
+            raise EffdeployError(
+                "--model exports untrained weights: add --random-init, or use --config with a checkpoint"
+            )
+        run = RunConfig(name=model, model=parse(ModelConfig, {"variant": model}, "--model"))
+    else:
+        if random_init:
+            raise EffdeployError("--random-init goes with --model")
+        run = load_run_config(config)
+    updates = _model_overrides(
+        fidelity_data=fidelity_data,
+        fidelity_images=images,
+        formats=tuple(f.strip() for f in formats.split(",")) if formats else None,
+    )
+    if updates:
+        run = run.model_copy(update={"export": parse(ExportConfig, {**run.export.model_dump(), **updates}, "options")})
+    out = out or Path("artifacts") / str(run.name)
+    result = export_run(run, out, random_init=random_init, log=main_log)
+    if as_json:
+        print(json.dumps(result.manifest["fidelity"]))
+    else:
+        report.print_fidelity(result)
 
 
 @app.command()

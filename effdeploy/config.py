@@ -203,14 +203,35 @@ class ReorderConfig(_Strict):
     seed: int = 0
 
 
+class ExportConfig(_Strict):
+    """What to export and how fidelity is measured."""
+
+    formats: tuple[Literal["onnx", "tflite"], ...] = ("onnx", "tflite")
+    opset: int = Field(18, ge=17)
+    # real images to measure fidelity on: an image folder or a calibration-set file
+    # (default: data.test when it exists, else the shipped calibration set)
+    fidelity_data: Path | None = None
+    fidelity_images: int = Field(256, ge=1)
+    threads: int | None = None
+
+
 class RunConfig(_Strict):
     """A whole pipeline config file: the sections that exist so far."""
 
+    name: str | None = None  # default: the config file's stem
+    checkpoint: Path | None = None  # the trained model this config describes
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
     reorder: ReorderConfig = ReorderConfig()
+    export: ExportConfig = ExportConfig()
+
+
+DEFAULT_CALIBRATION = Path("calibration/cifar10_train_512_seed0.safetensors")
 
 
 def load_run_config(path: str | Path) -> RunConfig:
-    return parse(RunConfig, load_yaml(path), str(path))
+    run = parse(RunConfig, load_yaml(path), str(path))
+    if run.name is None:
+        run = run.model_copy(update={"name": Path(path).stem})
+    return run

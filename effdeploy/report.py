@@ -67,3 +67,25 @@ def family_markdown(rows) -> str:
 
 def print_family(rows) -> None:
     print(family_markdown(rows))
+
+
+def print_fidelity(result) -> None:
+    """The export table: one row per artifact, measured against PyTorch."""
+    from rich.table import Table
+
+    fid = result.manifest["fidelity"]
+    t = Table(title=f"{result.manifest['name']}: fidelity vs PyTorch on {fid['images']} images from {fid['data']}")
+    for col in ("artifact", "runtime", "size", "max |diff|", "SNR (dB)", "top-1 agreement"):
+        t.add_column(col, justify="left" if col in ("artifact", "runtime") else "right")
+    sizes = {f["format"]: f["bytes"] for f in result.manifest["files"]}
+    for fmt, m in result.fidelity.items():
+        t.add_row(
+            str(result.files[fmt]),
+            m["runtime"],
+            f"{sizes[fmt] / 1e6:.2f} MB",
+            f"{m['max_abs_diff']:.2e}",
+            f"{m['snr_db']:.1f}",
+            f"{100 * m['top1_agreement']:.2f}%",
+        )
+    _console().print(t)
+    print(f"manifest: {result.out_dir / 'manifest.json'}")

@@ -118,3 +118,23 @@ def stratified_sample(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
         rest = np.setdiff1d(np.arange(len(labels)), out)
         out = np.concatenate([out, rest[rng.permutation(len(rest))[: n - len(out)]]])
     return np.sort(out)
+
+
+def load_images(source: str | Path, pre: PreprocessConfig, n: int | None = None, seed: int = 0) -> PixelDataset:
+    """Real images for measurement: a calibration-set file or an image folder (a stratified
+    sample of ``n`` when given), decoded through ``pre``."""
+    source = Path(source)
+    if source.suffix == ".safetensors":
+        from effdeploy.data.calibration import load_calibration_set
+
+        cal = load_calibration_set(source)
+        cal.check_matches(pre, str(source))
+        data = cal.as_dataset()
+        if n is not None and n < len(data):
+            data = data.subset(stratified_sample(data.labels, n, seed))
+        return data
+    images = scan_labelled(source)
+    if n is not None and n < len(images):
+        images = images.subset(stratified_sample(np.asarray(images.labels), n, seed))
+    pixels = decode_images(images, pre, desc=f"decode {source.name}")
+    return PixelDataset(pixels, np.asarray(images.labels, dtype=np.int64), images.class_names, images)

@@ -159,8 +159,63 @@ def detect_layout(state: dict[str, torch.Tensor]) -> str:
     )
 
 
-def _positional(state: dict[str, torch.Tensor]) -> list[tuple[str, torch.Tensor]]:
-    return [(k, v) for k, v in state.items() if not k.endswith("num_batches_tracked")]
+# Module order inside each public layout. A pickled state dict keeps it, but safetensors files
+# list keys alphabetically, so the order is rebuilt from the names before mapping by position.
+_NORM = {"weight": 0, "bias": 1, "running_mean": 2, "running_var": 3, "num_batches_tracked": 4}
+_TOP = {
+    "torchvision": {"features": 0, "classifier": 1},
+    "timm": {"conv_stem": 0, "bn1": 1, "blocks": 2, "conv_head": 3, "bn2": 4, "classifier": 5},
+    "efficientnet_pytorch": {"_conv_stem": 0, "_bn0": 1, "_blocks": 2, "_conv_head": 3, "_bn1": 4, "_fc": 5},
+}
+_IN_BLOCK = {
+    "torchvision": {"fc1": 0, "fc2": 1},
+    # timm: inverted residual, and the first stage's depthwise-separable block (no conv_pwl)
+    "timm": {"conv_pw": 0, "bn1": 1, "conv_dw": 2, "bn2": 3, "se": 4, "conv_pwl": 5, "bn3": 6},
+    "timm_ds": {"conv_dw": 0, "bn1": 1, "se": 2, "conv_pw": 3, "bn2": 4, "conv_reduce": 0, "conv_expand": 1},
+    "efficientnet_pytorch": {
+        "_expand_conv": 0,
+        "_bn0": 1,
+        "_depthwise_conv": 2,
+        "_bn1": 3,
+        "_se_reduce": 4,
+        "_se_expand": 5,
+        "_project_conv": 6,
+        "_bn2": 7,
+    },
+}
+_IN_BLOCK["timm"] |= {"conv_reduce": 0, "conv_expand": 1}
+
+
+def module_order(state: dict[str, torch.Tensor], layout: str) -> list[str]:
+    """The keys of a public-layout state dict in the order its modules are defined."""
+    ds_blocks = set()
+    if layout == "timm":
+        blocks = {".".join(k.split(".")[:3]) for k in state if k.startswith("blocks.")}
+        ds_blocks = {b for b in blocks if not any(k.startswith(b + ".conv_pwl.") for k in state)}
+
+    def key(name: str) -> tuple:
+        parts = name.split(".")
+        if layout == "timm" and ".".join(parts[:3]) in ds_blocks:
+            table = _IN_BLOCK["timm_ds"]
+        else:
+            table = _IN_BLOCK.get(layout, {})
+        out = []
+        for depth, p in enumerate(parts):
+            if p.isdigit():
+                out.append((0, int(p), ""))
+            elif depth == 0:
+                out.append((1, _TOP[layout].get(p, 99), p))
+            elif depth == len(parts) - 1 and p in _NORM:
+                out.append((2, _NORM[p], p))
+            else:
+                out.append((3, table.get(p, 99), p))
+        return tuple(out)
+
+    return sorted(state, key=key)
+
+
+def _positional(state: dict[str, torch.Tensor], layout: str) -> list[tuple[str, torch.Tensor]]:
+    return [(k, state[k]) for k in module_order(state, layout) if not k.endswith("num_batches_tracked")]
 
 
 def map_state_dict(
@@ -171,7 +226,7 @@ def map_state_dict(
     if layout == "effdeploy":
         return dict(state)
     ours = [(k, v) for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")]
-    theirs = _positional(state)
+    theirs = _positional(state, layout)
     for i, (our_key, our_t) in enumerate(ours):
         if i >= len(theirs):
             raise EffdeployError(f"{source}: {layout} file ends early; no tensor for {our_key!r} {tuple(our_t.shape)}")

@@ -80,7 +80,15 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def _config_fingerprint(run: RunConfig) -> str:
-    return run.model_dump_json(exclude={"train": {"threads", "eval_batch_size"}})
+    """What must not change across --resume: the model, the data and the recipe (not threads)."""
+    return json.dumps(
+        {
+            "model": run.model.model_dump(mode="json"),
+            "data": run.data.model_dump(mode="json"),
+            "train": run.train.model_dump(mode="json", exclude={"threads", "eval_batch_size"}),
+        },
+        sort_keys=True,
+    )
 
 
 def load_split(run: RunConfig, limit: int | None = None) -> tuple[PixelDataset, PixelDataset]:

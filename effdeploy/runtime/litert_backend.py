@@ -1,0 +1,69 @@
+"""LiteRT (ai-edge-litert) on CPU: NHWC input, batch resized per call, int8 I/O handled here."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from effdeploy.errors import EffdeployError
+from effdeploy.runtime.base import register
+
+
+def _interpreter_cls():
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError:  # Coral boards ship tflite_runtime instead
+        try:
+            from tflite_runtime.interpreter import Interpreter
+        except ImportError:
+            raise EffdeployError("LiteRT runtime missing: pip install ai-edge-litert (or tflite-runtime)") from None
+    return Interpreter
+
+
+class LiteRTBackend:
+    name = "litert"
+
+    def __init__(self, path: str | Path, threads: int | None = None, use_xnnpack: bool = True) -> None:
+        path = Path(path)
+        if not path.is_file():
+            raise EffdeployError(f"{path}: TFLite model not found")
+        Interpreter = _interpreter_cls()
+        kwargs = {"model_path": str(path), "num_threads": threads or 1}
+        if not use_xnnpack:
+            from ai_edge_litert.interpreter import OpResolverType
+
+            kwargs["experimental_op_resolver_type"] = OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+        try:
+            self.interpreter = Interpreter(**kwargs)
+        except Exception as err:
+            raise EffdeployError(f"{path}: LiteRT cannot load it ({str(err).splitlines()[0][:200]})") from None
+        self.path = path
+        self._batch = None
+
+    def _prepare(self, batch: int) -> None:
+        if batch != self._batch:
+            inp = self.interpreter.get_input_details()[0]
+            self.interpreter.resize_tensor_input(inp["index"], [batch, *inp["shape"][1:]])
+            self.interpreter.allocate_tensors()
+            self._batch = batch
+
+    def run(self, images: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(np.transpose(images, (0, 2, 3, 1)), dtype=np.float32)
+        self._prepare(len(x))
+        inp = self.interpreter.get_input_details()[0]
+        out = self.interpreter.get_output_details()[0]
+        if inp["dtype"] != np.float32:  # full-integer model: quantize the input with its own scale
+            scale, zero = inp["quantization"]
+            info = np.iinfo(inp["dtype"])
+            x = np.clip(np.round(x / scale + zero), info.min, info.max).astype(inp["dtype"])
+        self.interpreter.set_tensor(inp["index"], x)
+        self.interpreter.invoke()
+        y = self.interpreter.get_tensor(out["index"])
+        if out["dtype"] != np.float32:
+            scale, zero = out["quantization"]
+            y = (y.astype(np.float32) - zero) * scale
+        return y.astype(np.float32)
+
+
+register("litert")(LiteRTBackend)

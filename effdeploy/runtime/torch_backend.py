@@ -1,0 +1,24 @@
+"""PyTorch eager: the float reference every artifact is compared against."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from effdeploy.runtime.base import register
+
+
+class TorchBackend:
+    name = "torch"
+
+    def __init__(self, model: torch.nn.Module, threads: int | None = None) -> None:
+        self.model = model.eval()
+        if threads:
+            torch.set_num_threads(threads)
+
+    @torch.inference_mode()
+    def run(self, images: np.ndarray) -> np.ndarray:
+        return self.model(torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))).float().numpy()
+
+
+register("torch")(TorchBackend)
