@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test test-fast lint export quantize train profile clean
+.PHONY: venv test test-fast lint export quantize train reference-results profile clean
 
 # torch is installed first and pinned: its CPU build lies on this machine's disk, while an
 # unpinned torch (pulled in by a dependency) would fetch a multi-GB CUDA build.
@@ -32,8 +32,33 @@ lint: $(STAMP)
 profile: $(STAMP)
 	$(BIN)/effdeploy profile --family
 
+# ---- reference models (CIFAR-10, EfficientNet-B0 depth, width 0.5, 32 px) -------------------
+# `make train` trains whatever is missing (resuming an interrupted run from its last epoch), then
+# distils the SE-before model from the SE-after one and measures every model on the test split.
+# Reproduce from scratch without touching the committed checkpoints:  make train MODELS=runs/repro
+MODELS ?= models
+REF := cifar10_b0w05_after cifar10_b0w05_before cifar10_b0w05_none
+TRAIN_THREADS ?=
+
+$(MODELS)/%/model.safetensors: | $(STAMP)
+	$(BIN)/effdeploy train --config configs/$*.yaml --out $(MODELS)/$* \
+	  $(if $(wildcard $(MODELS)/$*/train_state.pt),--resume) $(if $(TRAIN_THREADS),--threads $(TRAIN_THREADS))
+
+$(MODELS)/cifar10_b0w05_before_reorder/model.safetensors: $(MODELS)/cifar10_b0w05_after/model.safetensors
+	$(BIN)/effdeploy reorder --checkpoint $< --to before --config configs/cifar10_b0w05_after.yaml \
+	  --out $(MODELS)/cifar10_b0w05_before_reorder
+
+train: $(foreach m,$(REF),$(MODELS)/$(m)/model.safetensors) $(MODELS)/cifar10_b0w05_before_reorder/model.safetensors
+	$(MAKE) reference-results MODELS=$(MODELS)
+
+reference-results: $(STAMP)
+	$(BIN)/python benchmarks/reference_models.py --models-dir $(MODELS) --out benchmarks/results/reference_models
+
+# ---- export: the default reference model to ONNX + TFLite, with the fidelity table ----------
+EXPORT_CONFIGS ?= configs/cifar10_b0w05_after.yaml
+
 export: $(STAMP)
-	$(BIN)/effdeploy export
+	@for c in $(EXPORT_CONFIGS); do $(BIN)/effdeploy export --config $$c || exit 1; done
 
 quantize: $(STAMP)
 	$(BIN)/effdeploy quantize

@@ -171,11 +171,12 @@ class AugmentConfig(_Strict):
 
 
 class TrainConfig(_Strict):
-    """A CPU-efficient recipe: SGD with Nesterov momentum, linear warm-up then cosine decay,
+    """A CPU-efficient recipe: SGD (Nesterov) or AdamW, linear warm-up then cosine decay,
     label smoothing, per-sample crop/flip on cached pixels, channels_last."""
 
     epochs: int = Field(15, ge=1)
     batch_size: int = Field(128, ge=1)
+    optimizer: Literal["sgd", "adamw"] = "sgd"
     lr: float = Field(0.2, gt=0)  # peak learning rate, after warm-up
     warmup_epochs: float = Field(1.0, ge=0)
     min_lr_ratio: float = Field(0.0, ge=0, le=1)
@@ -183,6 +184,7 @@ class TrainConfig(_Strict):
     nesterov: bool = True
     weight_decay: float = Field(5e-5, ge=0)  # not applied to norm and bias parameters
     label_smoothing: float = Field(0.1, ge=0, lt=1)
+    grad_clip_norm: float | None = Field(None, gt=0)  # clip the global gradient norm (spike guard)
     augment: AugmentConfig = AugmentConfig()
     seed: int = 0
     threads: int | None = None  # torch intra-op threads (None: all cores)

@@ -3,7 +3,8 @@ into uint8 pixels (N, H, W, 3), cached on disk, and split deterministically.
 
 Training on a 2-core CPU cannot afford to decode JPEGs every epoch; CIFAR-10 train decodes to
 150 MB of uint8, which fits in memory many times over. The cache key covers the exact file
-list and the preprocessing, so a stale cache can never be used.
+list (with each file's size and modification time) and the preprocessing, so a stale cache
+can never be used.
 """
 
 from __future__ import annotations
@@ -54,6 +55,10 @@ def _cache_key(images: ImageList, pre: PreprocessConfig) -> str:
     geometry = pre.model_dump(include={"resolution", "resize", "crop_pct", "interpolation"})
     h = hashlib.sha256(images.fingerprint().encode() + json.dumps(geometry, sort_keys=True).encode())
     h.update(str(images.root.resolve()).encode())
+    # size and modification time of every file: an image rewritten in place invalidates the cache
+    for f in images.files:
+        st = f.stat()
+        h.update(f"{st.st_size}:{st.st_mtime_ns}\n".encode())
     return h.hexdigest()[:24]
 
 

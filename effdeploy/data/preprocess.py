@@ -37,7 +37,10 @@ def load_rgb(path: str | Path):
                     rgba = img.convert("RGBA")
                     background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
                     return Image.alpha_composite(background, rgba).convert("RGB")
-                if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+                if mode.startswith("I;16"):  # 16-bit: values are fractions of 65535, as 8-bit of 255
+                    arr = np.asarray(img, dtype=np.float64) / 257.0
+                    return Image.fromarray(arr.round().clip(0, 255).astype(np.uint8)).convert("RGB")
+                if mode in ("I", "F"):  # range unknown: scale the maximum to 255
                     arr = np.asarray(img, dtype=np.float64)
                     hi = arr.max() if arr.size and arr.max() > 0 else 1.0
                     return Image.fromarray((arr / hi * 255).round().astype(np.uint8)).convert("RGB")

@@ -93,11 +93,15 @@ def export_run(run: RunConfig, out_dir: str | Path, *, random_init: bool = False
 
     out_dir = Path(out_dir)
     model = load_model_for_export(run, random_init)
+    prepare_out_dir(out_dir)  # before the slow part: a bad --out fails in a second, as one line
     pre = model.config.preprocess
     source = fidelity_source(run)
     images = load_images(source, pre, n=run.export.fidelity_images)
     inputs = images.inputs(pre)
     reference = run_batched(TorchBackend(model, threads=run.export.threads), inputs)
+    # the fidelity images' class names describe the model's outputs only when they are its classes
+    # (ImageNet samples measuring a CIFAR-10 model must not label its 10 outputs with 1000 names)
+    class_names = list(images.class_names) if len(images.class_names) == model.config.num_classes else []
 
     files: dict[str, Path] = {}
     fidelity: dict[str, dict] = {}
@@ -105,10 +109,13 @@ def export_run(run: RunConfig, out_dir: str | Path, *, random_init: bool = False
     for fmt in run.export.formats:
         path = out_dir / ARTIFACT_NAMES[fmt]
         log(f"exporting {fmt} -> {path}")
-        if fmt == "onnx":
-            export_onnx(model, path, opset=run.export.opset, class_names=list(images.class_names))
-        else:
-            export_tflite(model, path)
+        try:
+            if fmt == "onnx":
+                export_onnx(model, path, opset=run.export.opset, class_names=class_names)
+            else:
+                export_tflite(model, path)
+        except OSError as err:  # disk full, permissions: the user's problem, stated in one line
+            raise EffdeployError(f"{path}: cannot write it ({err.strerror or err})") from None
         files[fmt] = path
         backend = load_backend(RUNTIME_FOR[fmt], path, threads=run.export.threads)
         outputs = run_batched(backend, inputs)
@@ -130,7 +137,7 @@ def export_run(run: RunConfig, out_dir: str | Path, *, random_init: bool = False
             "model_config": json.loads(model.config.model_dump_json()),
         },
         "preprocess": json.loads(pre.model_dump_json()),
-        "class_names": list(images.class_names),
+        "class_names": class_names,
         "files": records,
         "tools": tool_versions(),
         "fidelity": {
@@ -140,8 +147,23 @@ def export_run(run: RunConfig, out_dir: str | Path, *, random_init: bool = False
             "metrics": {fmt: {k: _finite(v) for k, v in m.items()} for fmt, m in fidelity.items()},
         },
     }
-    atomic_write_text(out_dir / "manifest.json", json.dumps(manifest, indent=2))
+    try:
+        atomic_write_text(out_dir / "manifest.json", json.dumps(manifest, indent=2))
+    except OSError as err:
+        raise EffdeployError(f"{out_dir / 'manifest.json'}: cannot write it ({err.strerror or err})") from None
     return ExportResult(out_dir, files, fidelity, manifest)
+
+
+def prepare_out_dir(out_dir: Path) -> None:
+    """Create the artifact directory, or fail with one line (a regular file in the way, no permission)."""
+    import os
+
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise EffdeployError(f"{out_dir}: cannot create the output directory ({err.strerror or err})") from None
+    if not os.access(out_dir, os.W_OK | os.X_OK):
+        raise EffdeployError(f"{out_dir}: output directory is not writable")
 
 
 def _finite(v):

@@ -79,6 +79,13 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    groups = param_groups(model, cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr)
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+
+
 def _config_fingerprint(run: RunConfig) -> str:
     """What must not change across --resume: the model, the data and the recipe (not threads)."""
     return json.dumps(
@@ -131,6 +138,8 @@ def train(run: RunConfig, out_dir: str | Path, *, resume: bool = False, limit: i
         saved = parse(RunConfig, json.loads(state["run_config"]), f"{state_file}: run config")
         if _config_fingerprint(saved) != _config_fingerprint(run):
             raise EffdeployError(f"{out_dir}: config differs from the run being resumed (see {out_dir / 'run.yaml'})")
+        if "model" in state:  # the weights of the epoch the state describes (see _save_epoch)
+            model.load_state_dict(state["model"])
         start_epoch = int(state["epoch"])
         history = json.loads(state["history"])
         torch.set_rng_state(state["rng_torch"])
@@ -142,9 +151,7 @@ def train(run: RunConfig, out_dir: str | Path, *, resume: bool = False, limit: i
 
         atomic_write_text(out_dir / "run.yaml", yaml.safe_dump(json.loads(run.model_dump_json()), sort_keys=False))
     model = model.to(memory_format=torch.channels_last)
-    opt = torch.optim.SGD(
-        param_groups(model, cfg.weight_decay), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov
-    )
+    opt = make_optimizer(model, cfg)
     if resume:
         opt.load_state_dict(state["optimizer"])
 
@@ -182,6 +189,8 @@ def train(run: RunConfig, out_dir: str | Path, *, resume: bool = False, limit: i
             loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if cfg.grad_clip_norm is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip_norm)
             opt.step()
             if not torch.isfinite(loss):
                 raise EffdeployError(f"training diverged at epoch {epoch + 1}, step {i} (loss {loss.item()}); lower lr")
@@ -223,9 +232,14 @@ def train(run: RunConfig, out_dir: str | Path, *, resume: bool = False, limit: i
 
 
 def _save_epoch(out_dir: Path, model, opt, run: RunConfig, epoch: int, history: list[dict], data_rng) -> None:
+    """Write the epoch's outputs, then train_state.pt last: it is the commit point for --resume and
+    holds its own copy of the weights, so a run stopped between two of these writes still resumes
+    from one consistent epoch (last.safetensors may then be one epoch ahead; it is rewritten)."""
     save_checkpoint(model, out_dir / LAST)
+    atomic_write_text(out_dir / METRICS, "".join(json.dumps(r) + "\n" for r in history))
     state = {
         "epoch": epoch,
+        "model": model.state_dict(),
         "optimizer": opt.state_dict(),
         "rng_torch": torch.get_rng_state(),
         "rng_data": data_rng.get_state(),
@@ -234,7 +248,6 @@ def _save_epoch(out_dir: Path, model, opt, run: RunConfig, epoch: int, history: 
     }
     with atomic_path(out_dir / STATE) as tmp:
         torch.save(state, tmp)
-    atomic_write_text(out_dir / METRICS, "".join(json.dumps(r) + "\n" for r in history))
 
 
 def main_log(msg: str) -> None:

@@ -1,0 +1,94 @@
+"""Uniform affine quantization, the arithmetic every runtime implements.
+
+Weights: symmetric, per output channel, signed ``bits`` (zero-point 0, range [-(2^(b-1)-1), 2^(b-1)-1],
+the narrow range TFLite and onnxruntime use for weights).
+Activations: per tensor, asymmetric, ``bits`` levels over [lo, hi] with lo <= 0 <= hi so that
+zero is exactly representable (padding, ReLU) -- a one-sided range simply has lo = 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class ActQParams:
+    """Per-tensor activation quantization: real = scale * (q - zero_point), q in [qmin, qmax]."""
+
+    scale: float
+    zero_point: int
+    qmin: int
+    qmax: int
+
+    @property
+    def lo(self) -> float:
+        return self.scale * (self.qmin - self.zero_point)
+
+    @property
+    def hi(self) -> float:
+        return self.scale * (self.qmax - self.zero_point)
+
+
+def act_qparams(lo: float, hi: float, bits: int, signed: bool = True) -> ActQParams:
+    """Scale and zero-point covering [lo, hi] (widened to include 0) with 2^bits levels."""
+    lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
+    qmin, qmax = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
+    if hi - lo < 1e-12:
+        return ActQParams(1.0, qmin if lo == 0 else 0, qmin, qmax)
+    scale = (hi - lo) / (qmax - qmin)
+    zero_point = int(round(qmin - lo / scale))
+    zero_point = max(qmin, min(qmax, zero_point))
+    return ActQParams(scale, zero_point, qmin, qmax)
+
+
+def fixed_unit_qparams(bits: int, signed: bool = True) -> ActQParams:
+    """[0, 1) with scale 1/2^bits: the fixed output quantization TFLite uses for LOGISTIC."""
+    qmin = -(2 ** (bits - 1)) if signed else 0
+    return ActQParams(1.0 / 2**bits, qmin, qmin, qmin + 2**bits - 1)
+
+
+def fake_quant_act(x: torch.Tensor, qp: ActQParams) -> torch.Tensor:
+    q = torch.clamp(torch.round(x / qp.scale) + qp.zero_point, qp.qmin, qp.qmax)
+    return (q - qp.zero_point) * qp.scale
+
+
+def weight_qmax(bits: int) -> int:
+    return 2 ** (bits - 1) - 1
+
+
+def weight_scales(w: torch.Tensor, bits: int, clip: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-output-channel symmetric scales (dim 0), from max |w| or from a given clip per channel."""
+    amax = w.detach().abs().flatten(1).amax(1) if clip is None else clip
+    return torch.clamp(amax, min=1e-12) / weight_qmax(bits)
+
+
+def fake_quant_weight(w: torch.Tensor, scales: torch.Tensor, bits: int) -> torch.Tensor:
+    shape = (-1,) + (1,) * (w.ndim - 1)
+    s = scales.reshape(shape)
+    qmax = weight_qmax(bits)
+    return torch.clamp(torch.round(w / s), -qmax, qmax) * s
+
+
+def quantize_weight_int(w: torch.Tensor, scales: torch.Tensor, bits: int) -> torch.Tensor:
+    shape = (-1,) + (1,) * (w.ndim - 1)
+    qmax = weight_qmax(bits)
+    return torch.clamp(torch.round(w / scales.reshape(shape)), -qmax, qmax).to(torch.int8)
+
+
+def mse_weight_clip(w: torch.Tensor, bits: int, grid: int = 100, min_ratio: float = 0.3) -> torch.Tensor:
+    """Per-channel clipping value minimising the weight quantization MSE (grid search on max|w|)."""
+    flat = w.detach().flatten(1)
+    amax = flat.abs().amax(1).clamp(min=1e-12)
+    best = amax.clone()
+    best_err = torch.full_like(amax, float("inf"))
+    qmax = weight_qmax(bits)
+    for r in torch.linspace(min_ratio, 1.0, grid):
+        clip = amax * r
+        s = (clip / qmax)[:, None]
+        err = ((torch.clamp(torch.round(flat / s), -qmax, qmax) * s - flat) ** 2).sum(1)
+        better = err < best_err
+        best = torch.where(better, clip, best)
+        best_err = torch.where(better, err, best_err)
+    return best

@@ -1,0 +1,279 @@
+"""The quantization simulation: the float model, BN folded, with a fake quantizer on every tensor
+an integer runtime materialises, and fake-quantized weights.
+
+No architecture is copied: quantizers are forward hooks on the model's own modules, so the
+quantization points carry the model's parameter names (``blocks.block2a.se.gate``), which are the
+names of the per-layer SNR report. The points are the tensors a full-integer TFLite / ONNX QDQ
+model holds in int8:
+
+- ``input``: the image;
+- a conv followed by SiLU: the conv output (``.conv``), SiLU's sigmoid (``.act.sigmoid``, fixed
+  [0, 1) range) and SiLU's product (``.act``) -- LOGISTIC and MUL are separate int8 ops;
+  a conv followed by ReLU/ReLU6: only ``.act`` (the runtimes fuse the clamp into the conv);
+  a conv with no activation (projection): ``.conv``;
+- squeeze-excitation: ``se.pool`` (global mean), ``se.reduce``/``se.act`` as above,
+  ``se.expand`` (the gate's logits), ``se.gate`` (sigmoid, fixed [0, 1) range) and ``se`` itself
+  (the channel-wise multiply);
+- a residual block's output (the add), ``pool`` and ``classifier`` (the logits).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from effdeploy.model.blocks import ConvNormAct, MBConv, SqueezeExcite
+from effdeploy.quant.fakequant import (
+    ActQParams,
+    act_qparams,
+    fake_quant_act,
+    fake_quant_weight,
+    fixed_unit_qparams,
+    mse_weight_clip,
+    weight_scales,
+)
+from effdeploy.quant.fold import fold_batchnorm
+from effdeploy.quant.observers import TensorStats, get_observer
+
+
+class SiLUParts(nn.Module):
+    """SiLU as the runtimes execute it, x * sigmoid(x), with the sigmoid as its own module so
+    its int8 output can be quantized (and named)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sigmoid = nn.Sigmoid()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.sigmoid(x)
+
+
+FUSED_ACTS = (nn.ReLU, nn.ReLU6)
+
+
+@dataclass
+class ActPoint:
+    """One quantized activation tensor."""
+
+    name: str
+    kind: str  # input | conv | act | sigmoid | pool | mul | add | logits
+    bits: int
+    fixed: ActQParams | None = None  # sigmoid outputs: fixed [0, 1) range
+    stats: TensorStats = field(default_factory=TensorStats)
+    qparams: ActQParams | None = None
+
+    def to_dict(self) -> dict:
+        qp = self.qparams
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "bits": self.bits,
+            "observed": [self.stats.lo, self.stats.hi],
+            "range": None if qp is None else [qp.lo, qp.hi],
+            "scale": None if qp is None else qp.scale,
+            "zero_point": None if qp is None else qp.zero_point,
+        }
+
+
+@dataclass
+class WeightLayer:
+    """One conv / linear layer whose weight is quantized per output channel."""
+
+    name: str
+    module: nn.Module
+    bits: int
+    float_weight: torch.Tensor
+    scales: torch.Tensor | None = None
+    kind: str = "conv"  # conv | depthwise | pointwise | linear
+
+
+def _act_points_for(prefix: str, act: nn.Module | None, conv_name: str, bits: int) -> list[tuple[str, str, str]]:
+    """(module path, point name, kind) for a conv followed by ``act``."""
+    if act is None:
+        return [(conv_name, conv_name, "conv")]
+    if isinstance(act, FUSED_ACTS):
+        return [(f"{prefix}.act", f"{prefix}.act", "act")]
+    if isinstance(act, SiLUParts):
+        return [
+            (conv_name, conv_name, "conv"),
+            (f"{prefix}.act.sigmoid", f"{prefix}.act.sigmoid", "sigmoid"),
+            (f"{prefix}.act", f"{prefix}.act", "act"),
+        ]
+    return [(conv_name, conv_name, "conv"), (f"{prefix}.act", f"{prefix}.act", "act")]
+
+
+def resolve_bits(name: str, default: int, overrides: Iterable[tuple[str, int | None]]) -> int:
+    """The last override whose regex matches ``name`` wins; None keeps the default."""
+    bits = default
+    for pattern, value in overrides:
+        if value is not None and re.search(pattern, name):
+            bits = value
+    return bits
+
+
+class QuantSim:
+    """Fake-quant simulation of a trained EfficientNet. Typical use::
+
+        sim = QuantSim(model, weight_bits=4, act_bits=8)
+        sim.calibrate(batches, observer="mse")
+        logits = sim(x)                 # quantized
+        with sim.float_mode(): ...      # the same folded graph in float, for per-layer SNR
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        weight_bits: int = 8,
+        act_bits: int = 8,
+        weight_overrides: Iterable[tuple[str, int | None]] = (),
+        act_overrides: Iterable[tuple[str, int | None]] = (),
+    ) -> None:
+        self.config = model.config
+        self.model = fold_batchnorm(model)
+        for name, m in list(self.model.named_modules()):
+            for child_name, child in list(m.named_children()):
+                if isinstance(child, nn.SiLU):
+                    setattr(m, child_name, SiLUParts())
+        weight_overrides, act_overrides = list(weight_overrides), list(act_overrides)
+        self.points: dict[str, ActPoint] = {}
+        self._hook_paths: dict[str, str] = {}  # module path -> point name
+        self._add_point("input", "input", "input", resolve_bits("input", act_bits, act_overrides))
+        for path, m in self.model.named_modules():
+            if isinstance(m, ConvNormAct):
+                act = getattr(m, "act", None)
+                for mod_path, point, kind in _act_points_for(path, act, f"{path}.conv", 0):
+                    self._add_point(mod_path, point, kind, resolve_bits(point, act_bits, act_overrides))
+            elif isinstance(m, SqueezeExcite):
+                self._add_point(f"{path}.pool", f"{path}.pool", "pool", resolve_bits(f"{path}.pool", act_bits, act_overrides))
+                for mod_path, point, kind in _act_points_for(path, m.act, f"{path}.reduce", 0):
+                    self._add_point(mod_path, point, kind, resolve_bits(point, act_bits, act_overrides))
+                for point, kind in ((f"{path}.expand", "conv"), (f"{path}.gate", "sigmoid"), (path, "mul")):
+                    self._add_point(point, point, kind, resolve_bits(point, act_bits, act_overrides))
+            elif isinstance(m, MBConv) and m.spec.has_residual:
+                self._add_point(path, path, "add", resolve_bits(path, act_bits, act_overrides))
+        self._add_point("pool", "pool", "pool", resolve_bits("pool", act_bits, act_overrides))
+        self._add_point("classifier", "classifier", "logits", resolve_bits("classifier", act_bits, act_overrides))
+
+        self.weights: dict[str, WeightLayer] = {}
+        for path, m in self.model.named_modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                kind = "linear" if isinstance(m, nn.Linear) else "conv"
+                if isinstance(m, nn.Conv2d) and m.groups > 1:
+                    kind = "depthwise"
+                elif isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1):
+                    kind = "pointwise"
+                self.weights[path] = WeightLayer(
+                    path, m, resolve_bits(path, weight_bits, weight_overrides), m.weight.detach().clone(), kind=kind
+                )
+
+        self.mode = "float"  # float | range | hist | quant
+        self.quantize_weights = True
+        self.quantize_acts = True
+        self._capture: dict[str, torch.Tensor] | None = None
+        modules = dict(self.model.named_modules())
+        self._handles = []
+        first = self.model.stem
+        self._handles.append(first.register_forward_pre_hook(self._input_hook))
+        for mod_path, point in self._hook_paths.items():
+            if mod_path == "input":
+                continue
+            self._handles.append(modules[mod_path].register_forward_hook(self._make_hook(point)))
+
+    # ------------------------------------------------------------------ structure
+    def _add_point(self, mod_path: str, name: str, kind: str, bits: int) -> None:
+        fixed = fixed_unit_qparams(bits) if kind == "sigmoid" else None
+        self.points[name] = ActPoint(name, kind, bits, fixed=fixed)
+        self._hook_paths[mod_path] = name
+
+    def _input_hook(self, module, args):
+        return (self._observe("input", args[0]),)
+
+    def _make_hook(self, point: str):
+        def hook(module, args, output):
+            return self._observe(point, output)
+
+        return hook
+
+    def _observe(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        p = self.points[name]
+        if self.mode == "range":
+            p.stats.update_range(x)
+        elif self.mode == "hist":
+            p.stats.update_hist(x)
+        elif self.mode == "quant" and self.quantize_acts:
+            qp = p.fixed or p.qparams
+            if qp is not None:
+                x = fake_quant_act(x, qp)
+        if self._capture is not None:
+            self._capture[name] = x.detach()
+        return x
+
+    # ------------------------------------------------------------------ calibration
+    @torch.no_grad()
+    def calibrate(self, batches: list[torch.Tensor], observer: str = "minmax", weight_observer: str = "minmax") -> None:
+        """Observe every activation over ``batches`` (float graph, float weights), then set ranges.
+
+        Each point sees the float network's tensors; the weights are quantized afterwards.
+        """
+        self.set_weights(quantized=False)
+        for p in self.points.values():
+            p.stats = TensorStats()
+        for mode in ("range", "hist"):
+            self.mode = mode
+            for x in batches:
+                self.model(x)
+        self.mode = "float"
+        self.set_ranges(observer)
+        self.set_weight_scales(weight_observer)
+        self.mode = "quant"
+        self.set_weights(quantized=True)
+
+    def set_ranges(self, observer: str) -> None:
+        fn = get_observer(observer)
+        for p in self.points.values():
+            if p.fixed is None:
+                lo, hi = fn(p.stats, p.bits)
+                p.qparams = act_qparams(lo, hi, p.bits)
+            else:
+                p.qparams = p.fixed
+
+    def set_weight_scales(self, weight_observer: str = "minmax") -> None:
+        for w in self.weights.values():
+            clip = mse_weight_clip(w.float_weight, w.bits) if weight_observer == "mse" else None
+            w.scales = weight_scales(w.float_weight, w.bits, clip)
+
+    @torch.no_grad()
+    def set_weights(self, quantized: bool) -> None:
+        for w in self.weights.values():
+            if quantized and w.scales is not None:
+                w.module.weight.copy_(fake_quant_weight(w.float_weight, w.scales, w.bits))
+            else:
+                w.module.weight.copy_(w.float_weight)
+
+    # ------------------------------------------------------------------ running
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    @torch.no_grad()
+    def run_capture(self, x: torch.Tensor, quantized: bool = True) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Logits and every quantization point's tensor, quantized or in float (same graph)."""
+        prev = self.mode
+        self.mode = "quant" if quantized else "float"
+        self.set_weights(quantized=quantized)
+        self._capture = {}
+        try:
+            out = self.model(x)
+            return out, self._capture
+        finally:
+            self._capture = None
+            self.mode = prev
+            self.set_weights(quantized=prev == "quant")
+
+    def ranges(self) -> list[dict]:
+        return [p.to_dict() for p in self.points.values()]
