@@ -59,9 +59,8 @@ def family_markdown(rows) -> str:
         "|---|---:|---:|---:|---:|",
     ]
     for p in rows:
-        lines.append(
-            f"| {p.variant.upper()} | {p.resolution} | {p.params:,} | {p.macs / 1e9:.2f} G | {PAPER_GFLOPS[p.variant]} G |"
-        )
+        paper = PAPER_GFLOPS[p.variant]
+        lines.append(f"| {p.variant.upper()} | {p.resolution} | {p.params:,} | {p.macs / 1e9:.2f} G | {paper} G |")
     return "\n".join(lines)
 
 

@@ -118,10 +118,10 @@ def resolve_bits(name: str, default: int, overrides: Iterable[tuple[str, int | N
 class QuantSim:
     """Fake-quant simulation of a trained EfficientNet. Typical use::
 
-        sim = QuantSim(model, weight_bits=4, act_bits=8)
-        sim.calibrate(batches, observer="mse")
-        logits = sim(x)                 # quantized
-        with sim.float_mode(): ...      # the same folded graph in float, for per-layer SNR
+    sim = QuantSim(model, weight_bits=4, act_bits=8)
+    sim.calibrate(batches, observer="mse")
+    logits = sim(x)                 # quantized
+    with sim.float_mode(): ...      # the same folded graph in float, for per-layer SNR
     """
 
     def __init__(
@@ -135,7 +135,7 @@ class QuantSim:
     ) -> None:
         self.config = model.config
         self.model = fold_batchnorm(model)
-        for name, m in list(self.model.named_modules()):
+        for m in list(self.model.modules()):
             for child_name, child in list(m.named_children()):
                 if isinstance(child, nn.SiLU):
                     setattr(m, child_name, SiLUParts())
@@ -149,7 +149,8 @@ class QuantSim:
                 for mod_path, point, kind in _act_points_for(path, act, f"{path}.conv", 0):
                     self._add_point(mod_path, point, kind, resolve_bits(point, act_bits, act_overrides))
             elif isinstance(m, SqueezeExcite):
-                self._add_point(f"{path}.pool", f"{path}.pool", "pool", resolve_bits(f"{path}.pool", act_bits, act_overrides))
+                pool = f"{path}.pool"
+                self._add_point(pool, pool, "pool", resolve_bits(pool, act_bits, act_overrides))
                 for mod_path, point, kind in _act_points_for(path, m.act, f"{path}.reduce", 0):
                     self._add_point(mod_path, point, kind, resolve_bits(point, act_bits, act_overrides))
                 for point, kind in ((f"{path}.expand", "conv"), (f"{path}.gate", "sigmoid"), (path, "mul")):
