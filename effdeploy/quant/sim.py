@@ -89,6 +89,17 @@ class WeightLayer:
     float_weight: torch.Tensor
     scales: torch.Tensor | None = None
     kind: str = "conv"  # conv | depthwise | pointwise | linear
+    # a rounding chosen by a pass (AdaRound): fake-quantized values on the same grid as `scales`;
+    # None means round-to-nearest
+    qweight: torch.Tensor | None = None
+    float_bias: torch.Tensor | None = None
+    # bias correction's shift, added to the bias in quantized mode only
+    bias_delta: torch.Tensor | None = None
+
+    def quantized(self) -> torch.Tensor:
+        if self.qweight is not None:
+            return self.qweight
+        return fake_quant_weight(self.float_weight, self.scales, self.bits)
 
 
 def _act_points_for(prefix: str, act: nn.Module | None, conv_name: str, bits: int) -> list[tuple[str, str, str]]:
@@ -169,7 +180,12 @@ class QuantSim:
                 elif isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1):
                     kind = "pointwise"
                 self.weights[path] = WeightLayer(
-                    path, m, resolve_bits(path, weight_bits, weight_overrides), m.weight.detach().clone(), kind=kind
+                    path,
+                    m,
+                    resolve_bits(path, weight_bits, weight_overrides),
+                    m.weight.detach().clone(),
+                    kind=kind,
+                    float_bias=None if m.bias is None else m.bias.detach().clone(),
                 )
 
         self.mode = "float"  # float | range | hist | quant
@@ -245,6 +261,8 @@ class QuantSim:
 
     def set_weight_scales(self, weight_observer: str = "minmax") -> None:
         for w in self.weights.values():
+            w.qweight = None
+            w.bias_delta = None
             clip = mse_weight_clip(w.float_weight, w.bits) if weight_observer == "mse" else None
             w.scales = weight_scales(w.float_weight, w.bits, clip)
 
@@ -252,9 +270,12 @@ class QuantSim:
     def set_weights(self, quantized: bool) -> None:
         for w in self.weights.values():
             if quantized and w.scales is not None:
-                w.module.weight.copy_(fake_quant_weight(w.float_weight, w.scales, w.bits))
+                w.module.weight.copy_(w.quantized())
             else:
                 w.module.weight.copy_(w.float_weight)
+            if w.float_bias is not None:
+                delta = w.bias_delta if quantized and w.bias_delta is not None else 0.0
+                w.module.bias.copy_(w.float_bias + delta)
 
     # ------------------------------------------------------------------ running
     @torch.no_grad()

@@ -1,0 +1,195 @@
+"""Post-training passes on a calibrated QuantSim.
+
+bias_correction -- empirical bias correction (Nagel et al., "Data-Free Quantization", sec. 4.2,
+    empirical variant): quantizing a layer's weights shifts the mean of its output per channel;
+    measured on calibration data, layer by layer in network order (so each correction sees the
+    already-corrected layers before it), the shift is folded back into the bias.
+adaround -- AdaRound (Nagel et al., "Up or Down? Adaptive Rounding for Post-Training
+    Quantization", ICML 2020): instead of rounding each weight to nearest, learn per weight
+    whether to round up or down so that the layer's output on calibration data is reproduced;
+    a rectified sigmoid relaxes the choice and an annealed regulariser drives it to 0 or 1.
+    Each layer is fitted on inputs from the quantized network before it (so errors upstream
+    are compensated) against the float network's output.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.nn import functional as F
+
+from effdeploy.progress import progress
+from effdeploy.quant.fakequant import weight_qmax
+from effdeploy.quant.sim import QuantSim, WeightLayer
+
+
+class _Capture:
+    """Forward hooks, run before the quantizer hooks, that record a module's input and output."""
+
+    def __init__(self, module: torch.nn.Module, keep_input: bool = False, keep_output: bool = True) -> None:
+        self.inputs: list[torch.Tensor] = []
+        self.outputs: list[torch.Tensor] = []
+        self.keep_input, self.keep_output = keep_input, keep_output
+        self.handle = module.register_forward_hook(self._hook, prepend=True)
+
+    def _hook(self, module, args, output):
+        if self.keep_input:
+            self.inputs.append(args[0].detach())
+        if self.keep_output:
+            self.outputs.append(output.detach())
+
+    def remove(self) -> None:
+        self.handle.remove()
+
+
+def _channel_mean(t: torch.Tensor) -> torch.Tensor:
+    return t.transpose(0, 1).reshape(t.shape[1], -1).mean(1)
+
+
+@torch.no_grad()
+def _run(sim: QuantSim, batches, quantized: bool) -> None:
+    prev = sim.mode
+    sim.mode = "quant" if quantized else "float"
+    sim.set_weights(quantized=quantized)
+    for x in batches:
+        sim.model(x)
+    sim.mode = prev
+
+
+@torch.no_grad()
+def bias_correction(sim: QuantSim, batches: list[torch.Tensor], layers: list[str] | None = None) -> dict[str, float]:
+    """Fold each layer's mean output shift back into its bias; returns the shift norm per layer."""
+    names = [n for n in sim.weights if layers is None or n in layers]
+    # float means of every layer's output, in one pass of the float network
+    caps = {n: _Capture(sim.weights[n].module) for n in names}
+    _run(sim, batches, quantized=False)
+    float_mean = {n: _channel_mean(torch.cat(c.outputs)) for n, c in caps.items()}
+    for c in caps.values():
+        c.remove()
+    shifts = {}
+    for n in progress(names, desc="bias correction", unit="layer"):
+        w = sim.weights[n]
+        cap = _Capture(w.module)
+        _run(sim, batches, quantized=True)
+        cap.remove()
+        shift = float_mean[n] - _channel_mean(torch.cat(cap.outputs))
+        if w.module.bias is None:
+            w.module.bias = torch.nn.Parameter(torch.zeros_like(shift))
+            w.float_bias = torch.zeros_like(shift)
+        w.bias_delta = shift if w.bias_delta is None else w.bias_delta + shift
+        w.module.bias.copy_(w.float_bias + w.bias_delta)  # the next layer's pass sees it
+        shifts[n] = float(shift.norm())
+    sim.set_weights(quantized=sim.mode == "quant")
+    return shifts
+
+
+def _layer_fn(w: WeightLayer):
+    m = w.module
+    if isinstance(m, torch.nn.Linear):
+        return lambda x, weight: F.linear(x, weight, m.bias)
+    return lambda x, weight: F.conv2d(x, weight, m.bias, m.stride, m.padding, m.dilation, m.groups)
+
+
+def _rectified_sigmoid(v: torch.Tensor, zeta: float = 1.1, gamma: float = -0.1) -> torch.Tensor:
+    return torch.clamp(torch.sigmoid(v) * (zeta - gamma) + gamma, 0.0, 1.0)
+
+
+def adaround_layer(
+    w: WeightLayer,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    iters: int = 1000,
+    batch_size: int = 32,
+    lr: float = 1e-2,
+    reg_weight: float = 0.01,
+    warmup: float = 0.2,
+    beta: tuple[float, float] = (20.0, 2.0),
+    seed: int = 0,
+) -> tuple[torch.Tensor, dict]:
+    """Learn the rounding of one layer's weights; returns the fake-quantized weight and stats."""
+    fn = _layer_fn(w)
+    s = w.scales.reshape((-1,) + (1,) * (w.float_weight.ndim - 1))
+    qmax = weight_qmax(w.bits)
+    scaled = w.float_weight / s
+    floor = torch.floor(scaled)
+    rest = scaled - floor
+    # start where h(V) equals the fractional part, i.e. the soft weight equals the float weight
+    # (inverse of the rectified sigmoid with zeta = 1.1, gamma = -0.1)
+    v = (-torch.log(1.2 / (rest + 0.1) - 1)).clone().requires_grad_(True)
+    opt = torch.optim.Adam([v], lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    n = inputs.shape[0]
+
+    def qweight(hard: bool) -> torch.Tensor:
+        h = (v >= 0).float() if hard else _rectified_sigmoid(v)
+        return torch.clamp(floor + h, -qmax, qmax) * s
+
+    with torch.no_grad():
+        nearest = torch.clamp(torch.round(scaled), -qmax, qmax) * s
+        err_nearest = float(F.mse_loss(fn(inputs, nearest), targets))
+    warm = int(warmup * iters)
+    for it in range(iters):
+        idx = torch.randint(0, n, (min(batch_size, n),), generator=gen)
+        out = fn(inputs[idx], qweight(hard=False))
+        rec = F.mse_loss(out, targets[idx], reduction="none").flatten(1).sum(1).mean()
+        if it < warm:
+            reg = torch.zeros(())
+        else:
+            t = (it - warm) / max(1, iters - warm)
+            b = beta[1] + 0.5 * (beta[0] - beta[1]) * (1 + math.cos(math.pi * t))
+            reg = reg_weight * (1 - (2 * _rectified_sigmoid(v) - 1).abs().pow(b)).sum()
+        opt.zero_grad(set_to_none=True)
+        (rec + reg).backward()
+        opt.step()
+    with torch.no_grad():
+        result = qweight(hard=True)
+        err = float(F.mse_loss(fn(inputs, result), targets))
+        flipped = float(((result / s).round() != (nearest / s).round()).float().mean())
+    return result.detach(), {"mse_nearest": err_nearest, "mse_adaround": err, "flipped": flipped}
+
+
+def adaround(
+    sim: QuantSim,
+    batches: list[torch.Tensor],
+    *,
+    layers: list[str] | None = None,
+    iters: int = 1000,
+    batch_size: int = 32,
+    max_samples: int = 2048,
+    seed: int = 0,
+) -> dict[str, dict]:
+    """AdaRound every selected layer in network order; keeps the learned rounding only where it
+    reconstructs the layer's output better than round-to-nearest."""
+    names = [n for n in sim.weights if layers is None or n in layers]
+    report = {}
+    for n in progress(names, desc="adaround", unit="layer"):
+        w = sim.weights[n]
+        # target: the float network's output of this layer; input: the quantized network's input
+        cap_f = _Capture(w.module)
+        _run(sim, batches, quantized=False)
+        cap_f.remove()
+        cap_q = _Capture(w.module, keep_input=True, keep_output=False)
+        _run(sim, batches, quantized=True)
+        cap_q.remove()
+        inputs, targets = torch.cat(cap_q.inputs), torch.cat(cap_f.outputs)
+        inputs, targets = _samples(inputs, targets, max_samples, seed)
+        # the layer's own (float) bias stays in both sides of the reconstruction
+        qweight, stats = adaround_layer(w, inputs, targets, iters=iters, batch_size=batch_size, seed=seed)
+        if stats["mse_adaround"] <= stats["mse_nearest"]:
+            w.qweight = qweight
+            stats["kept"] = True
+        else:
+            stats["kept"] = False
+        report[n] = stats
+    sim.set_weights(quantized=sim.mode == "quant")
+    return report
+
+
+def _samples(inputs: torch.Tensor, targets: torch.Tensor, max_samples: int, seed: int):
+    """Images are the samples; a linear layer's rows likewise. Cap their number for memory."""
+    if inputs.shape[0] <= max_samples:
+        return inputs, targets
+    idx = torch.randperm(inputs.shape[0], generator=torch.Generator().manual_seed(seed))[:max_samples]
+    return inputs[idx], targets[idx]
