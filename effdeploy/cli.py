@@ -262,9 +262,35 @@ def export(
 
 
 @app.command()
-def quantize() -> None:
+def quantize(
+    config: Annotated[
+        Path, typer.Option("--config", "-c", help="run config (checkpoint, quant section)")
+    ] = DEFAULT_CONFIG,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="report directory (default artifacts/<name>)")] = None,
+    precisions: Annotated[str | None, typer.Option(help="comma list, weights first: w8a8,w4a8,w4a4")] = None,
+    se_placement: Annotated[str | None, Placement] = None,
+    eval_images: Annotated[int | None, typer.Option(help="held-out images to measure on (default all)")] = None,
+    adaround_iters: Annotated[int | None, typer.Option(help="AdaRound iterations per layer")] = None,
+) -> None:
     """Post-training quantization (int8/int4) with calibration data; layer-by-layer SNR."""
-    _not_built("quantize", "see the quantizer issue")
+    from effdeploy import report
+    from effdeploy.config import QuantConfig, load_run_config, parse
+    from effdeploy.quant.pipeline import quantize_run
+    from effdeploy.train.trainer import main_log
+
+    run = load_run_config(config)
+    updates = _model_overrides(
+        precisions=tuple(p.strip() for p in precisions.split(",")) if precisions else None,
+        se_placement=se_placement,
+        eval_images=eval_images,
+        adaround_iters=adaround_iters,
+    )
+    if updates:
+        run = run.model_copy(update={"quant": parse(QuantConfig, {**run.quant.model_dump(), **updates}, "options")})
+    out = out or Path("artifacts") / str(run.name)
+    result = quantize_run(run, out, log=main_log)
+    report.print_quant(result)
+    print(f"report: {out / 'report.json'}  plot: {out / 'snr_per_block.png'}")
 
 
 @app.command()

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from effdeploy.errors import EffdeployError
 from effdeploy.model.arch import B0_STAGES, FAMILY, ArchSpec, Stage, compound_scaling, is_lite, resolve
@@ -217,6 +217,68 @@ class ExportConfig(_Strict):
     threads: int | None = None
 
 
+class LayerOverride(_Strict):
+    """Per-layer bit widths: ``pattern`` is a regex searched in quantization point and layer
+    names (``blocks.block2a.dwconv.conv``, ``classifier``); the last matching override wins."""
+
+    pattern: str
+    weight_bits: int | None = Field(None, ge=2, le=8)
+    act_bits: int | None = Field(None, ge=2, le=16)
+
+    @model_validator(mode="after")
+    def _compiles(self) -> LayerOverride:
+        import re
+
+        try:
+            re.compile(self.pattern)
+        except re.error as err:
+            raise ValueError(f"pattern {self.pattern!r} is not a valid regex ({err})") from None
+        return self
+
+
+PRECISION_RE = r"^w([2-8])a([2-9]|1[0-6])$"
+
+
+class QuantConfig(_Strict):
+    """Post-training quantization. Precisions are named weights-first: w8a8, w4a8, w4a4."""
+
+    precisions: tuple[str, ...] = ("w8a8", "w4a8")
+    # the placement to quantize; when it differs from the checkpoint's, the pipeline reorders the
+    # model first (transplant + distillation, see the `reorder` section) and says so
+    se_placement: SePlacement | None = None
+    calibration: Path = Path("calibration/cifar10_train_512_seed0.safetensors")
+    calibration_images: int | None = Field(None, ge=1)  # None: the whole set
+    observer: Literal["minmax", "percentile", "mse", "entropy"] = "mse"  # activation ranges
+    weight_observer: Literal["minmax", "mse"] = "mse"
+    bias_correction: bool = True
+    adaround: Literal["auto", "on", "off"] = "auto"  # auto: on when weights have fewer than 8 bits
+    adaround_iters: int = Field(1000, ge=1)
+    overrides: tuple[LayerOverride, ...] = ()
+    # held-out images (never the calibration ones): accuracy on all of them, layer SNR on a subset
+    eval_data: Path | None = None  # default: data.test
+    eval_images: int | None = Field(None, ge=1)
+    snr_images: int = Field(256, ge=1)
+
+    @field_validator("precisions")
+    @classmethod
+    def _check_precisions(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        import re
+
+        for p in value:
+            if not re.match(PRECISION_RE, p):
+                raise ValueError(f"{p!r} is not w<2-8>a<2-16> (e.g. w8a8, w4a8)")
+        return value
+
+
+def parse_precision(name: str) -> tuple[int, int]:
+    import re
+
+    m = re.match(PRECISION_RE, name)
+    if not m:
+        raise EffdeployError(f"precision {name!r} is not w<2-8>a<2-16> (e.g. w8a8, w4a8)")
+    return int(m.group(1)), int(m.group(2))
+
+
 class RunConfig(_Strict):
     """A whole pipeline config file: the sections that exist so far."""
 
@@ -227,9 +289,10 @@ class RunConfig(_Strict):
     train: TrainConfig = TrainConfig()
     reorder: ReorderConfig = ReorderConfig()
     export: ExportConfig = ExportConfig()
+    quant: QuantConfig = QuantConfig()
 
 
-DEFAULT_CALIBRATION = Path("calibration/cifar10_train_512_seed0.safetensors")
+DEFAULT_CALIBRATION = QuantConfig().calibration
 
 
 def load_run_config(path: str | Path) -> RunConfig:

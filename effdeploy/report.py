@@ -1,6 +1,8 @@
-"""Human-facing output: rich tables (and, in later stages, JSON, Markdown and PNG reports)."""
+"""Human-facing output: rich tables, and JSON that stays valid (no bare Infinity/NaN)."""
 
 from __future__ import annotations
+
+import math
 
 from effdeploy.model.arch import PAPER_GFLOPS
 
@@ -88,3 +90,42 @@ def print_fidelity(result) -> None:
         )
     _console().print(t)
     print(f"manifest: {result.out_dir / 'manifest.json'}")
+
+
+def json_safe(obj):
+    """Replace non-finite floats by the strings "inf" / "-inf" / "nan" (JSON has no such numbers)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return "nan" if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def print_quant(report: dict) -> None:
+    """The quantize table: one row per precision and method, beside float."""
+    from rich.table import Table
+
+    held = report["held_out"]
+    t = Table(
+        title=f"{report['name']} (se_placement={report['se_placement']}): {held['images']} held-out images, "
+        f"layer SNR on {held['snr_images']}; {report['runtime']}"
+    )
+    for col in ("precision", "method", "top-1", "vs float", "agreement", "output SNR", "worst 3 layers (dB)", "size"):
+        t.add_column(col, justify="left" if col in ("precision", "method", "worst 3 layers (dB)") else "right")
+    f = report["float"]
+    t.add_row("fp32", "-", f"{100 * f['top1']:.2f}%", "", "", "", "", f"{f['bytes'] / 1e6:.2f} MB")
+    for r in report["results"]:
+        worst = ", ".join(f"{w['name'].removeprefix('blocks.')} {w['snr_db']:.1f}" for w in r["worst_layers"])
+        t.add_row(
+            r["precision"],
+            r["method"]["name"],
+            f"{100 * r['top1']:.2f}%",
+            f"{100 * r['top1_delta']:+.2f}",
+            f"{100 * r['agreement']:.2f}%",
+            f"{r['output_snr_db']:.2f} dB",
+            worst,
+            f"{r['weight_bytes'] / 1e6:.2f} MB",
+        )
+    _console().print(t)

@@ -15,6 +15,7 @@ import numpy as np
 from effdeploy.config import DEFAULT_CALIBRATION, RunConfig
 from effdeploy.errors import EffdeployError
 from effdeploy.metrics import max_abs_diff, snr_db, top1_agreement
+from effdeploy.report import json_safe
 from effdeploy.runtime.base import load_backend, run_batched
 
 ARTIFACT_NAMES = {"onnx": "model.onnx", "tflite": "model.tflite"}
@@ -144,7 +145,7 @@ def export_run(run: RunConfig, out_dir: str | Path, *, random_init: bool = False
             "reference": "torch (eager, float32)",
             "data": str(source),
             "images": len(images),
-            "metrics": {fmt: {k: _finite(v) for k, v in m.items()} for fmt, m in fidelity.items()},
+            "metrics": json_safe(fidelity),
         },
     }
     try:
@@ -164,10 +165,3 @@ def prepare_out_dir(out_dir: Path) -> None:
         raise EffdeployError(f"{out_dir}: cannot create the output directory ({err.strerror or err})") from None
     if not os.access(out_dir, os.W_OK | os.X_OK):
         raise EffdeployError(f"{out_dir}: output directory is not writable")
-
-
-def _finite(v):
-    """JSON has no infinity: an identical output's SNR is written as the string "inf"."""
-    if isinstance(v, float) and not np.isfinite(v):
-        return "inf" if v > 0 else "-inf"
-    return v

@@ -1,0 +1,142 @@
+"""`effdeploy quantize` end to end on a tiny checkpoint: report contents, plot, the reorder that a
+different se_placement triggers, and bad-config errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from effdeploy.config import RunConfig, parse
+from effdeploy.errors import EffdeployError
+from effdeploy.model.checkpoints import save_checkpoint
+from effdeploy.model.efficientnet import build_model
+from effdeploy.quant.pipeline import quantize_run
+
+CIFAR_PRE = {
+    "resize": "resize",
+    "interpolation": "bilinear",
+    "mean": [0.4914, 0.4822, 0.4465],
+    "std": [0.2470, 0.2435, 0.2616],
+}
+
+
+def _folder(root: Path, classes: int = 3, per_class: int = 12) -> Path:
+    rng = np.random.default_rng(0)
+    for c in range(classes):
+        d = root / f"class{c}"
+        d.mkdir(parents=True)
+        for i in range(per_class):
+            img = rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)
+            img[..., c] = 255  # each class has a dominant colour
+            Image.fromarray(img).save(d / f"{i:03d}.png")
+    return root
+
+
+@pytest.fixture
+def run(tmp_path: Path, repo_root: Path, monkeypatch) -> RunConfig:
+    monkeypatch.setenv("EFFDEPLOY_CACHE", str(tmp_path / "cache"))
+    model = build_model(
+        {
+            "variant": "b0",
+            "width_mult": 0.25,
+            "depth_mult": 0.25,
+            "resolution": 32,
+            "num_classes": 3,
+            "preprocess": CIFAR_PRE,
+        }
+    )
+    ckpt = save_checkpoint(model.eval(), tmp_path / "tiny.safetensors")
+    data = _folder(tmp_path / "data")
+    return parse(
+        RunConfig,
+        {
+            "name": "tiny",
+            "checkpoint": str(ckpt),
+            "model": json.loads(model.config.model_dump_json()),
+            "data": {"train": str(data), "test": str(data), "val_fraction": 0.25},
+            "reorder": {"steps": 3, "batch_size": 8, "warmup_steps": 1},
+            "quant": {
+                "precisions": ["w8a8", "w4a8"],
+                "calibration": str(repo_root / "calibration/cifar10_train_512_seed0.safetensors"),
+                "calibration_images": 32,
+                "adaround_iters": 3,
+                "snr_images": 8,
+            },
+        },
+        "test",
+    )
+
+
+def test_quantize_report(run: RunConfig, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    report = quantize_run(run, out, log=lambda m: None)
+    on_disk = json.loads((out / "report.json").read_text())
+    assert on_disk["name"] == "tiny" and (out / "snr_per_block.png").stat().st_size > 1000
+    rows = on_disk["results"]
+    assert [(r["precision"], r["method"]["name"]) for r in rows] == [
+        ("w8a8", "minmax"),
+        ("w8a8", "ours"),
+        ("w4a8", "minmax"),
+        ("w4a8", "ours"),
+    ]
+    # AdaRound only where weights have fewer than 8 bits ("auto"), never for the baseline
+    assert [r["method"]["adaround"] for r in rows] == [False, False, False, True]
+    n_blocks = len(build_model(run.model).arch.blocks)
+    for r in rows:
+        assert 0 <= r["top1"] <= 1 and 0 <= r["agreement"] <= 1
+        assert len(r["worst_layers"]) == 3
+        worst = [w["snr_db"] for w in r["worst_layers"]]
+        finite = [v for v in r["layer_snr_db"].values() if isinstance(v, float)]  # "inf" = exact
+        assert worst == sorted(worst) and worst[0] == min(finite)
+        assert len(r["block_snr_db"]) == n_blocks
+        assert {"input", "classifier"} <= set(r["layer_snr_db"])
+    assert rows[2]["weight_bytes"] < rows[0]["weight_bytes"] < report["float"]["bytes"]
+    assert report["held_out"]["images"] == 36 and report["calibration"]["images"] == 32
+
+
+def test_quantize_reorders_when_placement_differs(run: RunConfig, tmp_path: Path) -> None:
+    run = run.model_copy(
+        update={"quant": run.quant.model_copy(update={"se_placement": "before", "precisions": ("w8a8",)})}
+    )
+    messages: list[str] = []
+    report = quantize_run(run, tmp_path / "out", log=messages.append)
+    assert report["se_placement"] == "before"
+    assert report["reorder"]["from"] == "after" and report["reorder"]["to"] == "before"
+    assert any("reordering" in m for m in messages)  # it says so
+
+
+def test_quantize_missing_checkpoint(run: RunConfig, tmp_path: Path) -> None:
+    run = run.model_copy(update={"checkpoint": tmp_path / "nope.safetensors"})
+    with pytest.raises(EffdeployError, match="nope.safetensors"):
+        quantize_run(run, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("quant_yaml", "field"),
+    [
+        ("precisions: [w9a8]", "precisions"),
+        ("observer: median", "observer"),
+        ("overrides: [{pattern: '('}]", "overrides"),
+        ("adaround_iter: 5", "adaround_iter"),
+    ],
+)
+def test_quantize_bad_config_is_one_line(tmp_path: Path, repo_root: Path, quant_yaml: str, field: str) -> None:
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(f"quant:\n  {quant_yaml}\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "effdeploy.cli", "quantize", "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        cwd=repo_root,
+    )
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("effdeploy: error:") and field in lines[0]
+    assert "Traceback" not in proc.stderr
