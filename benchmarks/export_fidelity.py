@@ -40,6 +40,7 @@ import numpy as np
 
 from effdeploy.errors import EffdeployError
 from effdeploy.fileio import atomic_write_text
+from effdeploy.report import json_safe
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "imagenet-samples"
@@ -95,39 +96,19 @@ def instrument(record: dict):
 
 
 def conditioned_model(config, data: Path, images: int, seed: int = 0):
-    """Random-init weights (seed ``seed``) with every BatchNorm set from the input it sees on the
-    fidelity images (variance x16 so outputs have std ~0.25, x0.75-1.25 per channel, a random
-    mean offset, gamma ~U(0.75, 1.25), beta ~N(0, 0.1)) and the classifier scaled 10x."""
+    """Random-init weights (seed ``seed``) conditioned on the fidelity images (see
+    effdeploy.model.conditioning)."""
     import torch
 
     from effdeploy.data.datasets import load_images
+    from effdeploy.model.conditioning import condition_batchnorm_
     from effdeploy.model.efficientnet import EfficientNet
 
     torch.manual_seed(seed)
     model = EfficientNet(config).eval()
     pre = config.preprocess
     x = torch.from_numpy(load_images(data, pre, n=images).inputs(pre))
-    g = torch.Generator().manual_seed(seed + 1)
-
-    def set_stats(bn, args):
-        (inp,) = args
-        n = bn.num_features
-        mean, var = inp.mean((0, 2, 3)), inp.var((0, 2, 3), unbiased=False)
-        bn.running_mean.copy_(mean + 0.1 * var.sqrt() * torch.randn(n, generator=g))
-        bn.running_var.copy_(16.0 * var * (0.75 + 0.5 * torch.rand(n, generator=g)))
-        bn.weight.copy_(0.75 + 0.5 * torch.rand(n, generator=g))
-        bn.bias.copy_(0.1 * torch.randn(n, generator=g))
-
-    hooks = [m.register_forward_pre_hook(set_stats) for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-    try:
-        with torch.inference_mode():
-            model(x)
-    finally:
-        for h in hooks:
-            h.remove()
-    with torch.no_grad():
-        model.classifier.weight.mul_(10.0)
-    return model
+    return condition_batchnorm_(model, x, seed=seed + 1)
 
 
 def float64_floor(model, inputs: np.ndarray, reference: np.ndarray) -> float:
@@ -186,17 +167,6 @@ def passed(row: dict) -> bool | None:
 
 
 # --------------------------------------------------------------------------- report
-
-
-def _finite(obj):
-    """JSON has no infinity or NaN: write them as strings."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return "nan" if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_finite(v) for v in obj]
-    return obj
 
 
 def _e(x) -> str:
@@ -426,7 +396,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     }
     out = args.out
     json_path, md_path = Path(f"{out}.json"), Path(f"{out}.md")
-    atomic_write_text(json_path, json.dumps(_finite(report), indent=2) + "\n")
+    atomic_write_text(json_path, json.dumps(json_safe(report), indent=2) + "\n")
     atomic_write_text(md_path, markdown(report))
     print(f"wrote {json_path} and {md_path}", flush=True)
     return 0 if all(r.get("pass") is not False for r in rows) else 1

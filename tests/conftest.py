@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -76,3 +79,25 @@ def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 def randomize():
     """The `randomize_` helper, as a fixture."""
     return randomize_
+
+
+def run_cli(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run `effdeploy ARGS` in a subprocess, as a user would (wide, plain terminal)."""
+    return subprocess.run(
+        [sys.executable, "-m", "effdeploy.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=timeout,
+        env={**os.environ, "COLUMNS": "200", "NO_COLOR": "1"},
+    )
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess) -> str:
+    """A user error: non-zero exit, exactly one stderr line 'effdeploy: error: ...', no traceback."""
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("effdeploy: error:")
+    assert "Traceback" not in proc.stderr
+    return lines[0]

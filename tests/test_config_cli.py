@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import assert_one_line_error, run_cli
 from pydantic import ValidationError
 
 from effdeploy.config import ModelConfig, PreprocessConfig, load_yaml, parse
@@ -132,26 +130,6 @@ def test_load_yaml_non_mapping_and_empty(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- CLI
 
 
-def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "effdeploy.cli", *args],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        timeout=120,
-        env={**os.environ, "COLUMNS": "200", "NO_COLOR": "1"},
-    )
-
-
-def _assert_one_line_error(proc: subprocess.CompletedProcess) -> str:
-    assert proc.returncode != 0
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("effdeploy: error:")
-    assert "Traceback" not in proc.stderr
-    return lines[0]
-
-
 def test_cli_help(repo_root: Path) -> None:
     proc = run_cli("--help", cwd=repo_root)
     assert proc.returncode == 0, proc.stderr
@@ -185,7 +163,7 @@ def test_cli_profile_se_none_has_fewer_params(repo_root: Path) -> None:
 
 def test_cli_profile_unknown_model(repo_root: Path) -> None:
     proc = run_cli("profile", "--model", "b42", cwd=repo_root)
-    line = _assert_one_line_error(proc)
+    line = assert_one_line_error(proc)
     assert "b42" in line
     assert proc.stdout == ""
 
@@ -205,7 +183,7 @@ def test_cli_profile_config_typo(repo_root: Path, tmp_path: Path) -> None:
     cfg = tmp_path / "typo.yaml"
     cfg.write_text("model:\n  variant: b0\n  se_placment: before\n")
     proc = run_cli("profile", "--config", str(cfg), "--json", cwd=repo_root)
-    line = _assert_one_line_error(proc)
+    line = assert_one_line_error(proc)
     assert "se_placment" in line
     assert str(cfg) in line
 
@@ -213,11 +191,11 @@ def test_cli_profile_config_typo(repo_root: Path, tmp_path: Path) -> None:
 def test_cli_profile_missing_config(repo_root: Path, tmp_path: Path) -> None:
     cfg = tmp_path / "absent.yaml"
     proc = run_cli("profile", "--config", str(cfg), cwd=repo_root)
-    line = _assert_one_line_error(proc)
+    line = assert_one_line_error(proc)
     assert str(cfg) in line
 
 
 def test_cli_unbuilt_verb_is_one_line_error(repo_root: Path) -> None:
     proc = run_cli("bench", cwd=repo_root)
-    line = _assert_one_line_error(proc)
+    line = assert_one_line_error(proc)
     assert "bench" in line

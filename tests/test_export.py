@@ -26,9 +26,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import os
-import subprocess
-import sys
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
@@ -36,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import assert_one_line_error, run_cli
 
 import effdeploy
 from effdeploy.config import ExportConfig, ModelConfig, PreprocessConfig, RunConfig
@@ -75,36 +73,6 @@ def _quiet(*_args) -> None:
 
 
 # --------------------------------------------------------------------------- shared artifacts
-
-
-def condition_batchnorm_(model: torch.nn.Module, images: torch.Tensor, seed: int = 1) -> torch.nn.Module:
-    """Randomize every BatchNorm (running stats and affine) so that no BN is the identity, while
-    keeping the network well conditioned: each BN's statistics come from the input it actually
-    sees on ``images`` (one eval-mode pass, in order), with the variance inflated 16x (x0.75-1.25
-    per channel) so its output has std ~0.25, a random per-channel mean offset, and gamma / beta
-    drawn around 1 / 0. The classifier is scaled 10x so logits have a trained model's size."""
-    g = torch.Generator().manual_seed(seed)
-
-    def set_stats(bn: torch.nn.BatchNorm2d, args: tuple[torch.Tensor, ...]) -> None:
-        (x,) = args
-        n = bn.num_features
-        mean, var = x.mean((0, 2, 3)), x.var((0, 2, 3))
-        bn.running_mean.copy_(mean + 0.1 * var.sqrt() * torch.randn(n, generator=g))
-        bn.running_var.copy_(16.0 * var * (0.75 + 0.5 * torch.rand(n, generator=g)))
-        bn.weight.copy_(0.75 + 0.5 * torch.rand(n, generator=g))
-        bn.bias.copy_(0.1 * torch.randn(n, generator=g))
-
-    hooks = [m.register_forward_pre_hook(set_stats) for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-    assert hooks, "model has no BatchNorm"
-    try:
-        with torch.no_grad():
-            model.eval()(images)
-    finally:
-        for h in hooks:
-            h.remove()
-    with torch.no_grad():
-        model.classifier.weight.mul_(10.0)
-    return model
 
 
 @dataclass
@@ -153,6 +121,7 @@ class ExportCache:
         from effdeploy.data.datasets import load_images
         from effdeploy.export.pipeline import export_run
         from effdeploy.model.checkpoints import load_checkpoint, save_checkpoint
+        from effdeploy.model.conditioning import condition_batchnorm_
         from effdeploy.model.efficientnet import EfficientNet
 
         if not CALIBRATION_SET.is_file():
@@ -453,26 +422,6 @@ def test_failed_onnx_export_leaves_no_partial_file(tmp_path: Path, monkeypatch: 
 # --------------------------------------------------------------------------- error paths (CLI)
 
 
-def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "effdeploy.cli", *args],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        timeout=300,
-        env={**os.environ, "COLUMNS": "200", "NO_COLOR": "1"},
-    )
-
-
-def _assert_one_line_error(proc: subprocess.CompletedProcess) -> str:
-    assert proc.returncode != 0
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("effdeploy: error:")
-    assert "Traceback" not in proc.stderr
-    return lines[0]
-
-
 def _config(tmp_path: Path, checkpoint: Path) -> Path:
     import yaml
 
@@ -484,13 +433,13 @@ def _config(tmp_path: Path, checkpoint: Path) -> Path:
 def test_cli_missing_checkpoint(tmp_path: Path) -> None:
     missing = tmp_path / "not-trained-yet.safetensors"
     proc = run_cli("export", "--config", str(_config(tmp_path, missing)), "--out", str(tmp_path / "o"), cwd=REPO_ROOT)
-    assert str(missing) in _assert_one_line_error(proc)
+    assert str(missing) in assert_one_line_error(proc)
     assert not (tmp_path / "o").exists()
 
 
 def test_cli_model_needs_random_init(tmp_path: Path) -> None:
     proc = run_cli("export", "--model", "b0", "--out", str(tmp_path / "o"), cwd=REPO_ROOT)
-    assert "--random-init" in _assert_one_line_error(proc)
+    assert "--random-init" in assert_one_line_error(proc)
     assert not (tmp_path / "o").exists()
 
 
@@ -498,14 +447,14 @@ def test_cli_corrupt_checkpoint(tmp_path: Path) -> None:
     bad = tmp_path / "model.safetensors"
     bad.write_bytes(b"\x00\x01 this is not a safetensors file")
     proc = run_cli("export", "--config", str(_config(tmp_path, bad)), "--out", str(tmp_path / "o"), cwd=REPO_ROOT)
-    assert str(bad) in _assert_one_line_error(proc)
+    assert str(bad) in assert_one_line_error(proc)
 
 
 def test_cli_output_is_an_existing_file(tmp_path: Path) -> None:
     blocker = tmp_path / "artifacts"
     blocker.write_text("not a directory")
     proc = run_cli("export", "--model", "b0", "--random-init", "--out", str(blocker), cwd=REPO_ROOT)
-    line = _assert_one_line_error(proc)
+    line = assert_one_line_error(proc)
     assert str(blocker) in line and "output directory" in line
     assert blocker.read_text() == "not a directory"
 

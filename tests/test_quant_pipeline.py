@@ -4,12 +4,11 @@ different se_placement triggers, and bad-config errors."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import assert_one_line_error, run_cli
 from PIL import Image
 
 from effdeploy.config import RunConfig, parse
@@ -130,13 +129,5 @@ def test_quantize_missing_checkpoint(run: RunConfig, tmp_path: Path) -> None:
 def test_quantize_bad_config_is_one_line(tmp_path: Path, repo_root: Path, quant_yaml: str, field: str) -> None:
     cfg = tmp_path / "bad.yaml"
     cfg.write_text(f"quant:\n  {quant_yaml}\n")
-    proc = subprocess.run(
-        [sys.executable, "-m", "effdeploy.cli", "quantize", "--config", str(cfg)],
-        capture_output=True,
-        text=True,
-        cwd=repo_root,
-    )
-    assert proc.returncode != 0
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("effdeploy: error:") and field in lines[0]
-    assert "Traceback" not in proc.stderr
+    line = assert_one_line_error(run_cli("quantize", "--config", str(cfg), cwd=repo_root))
+    assert field in line
