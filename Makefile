@@ -60,8 +60,11 @@ EXPORT_CONFIGS ?= configs/cifar10_b0w05_after.yaml
 export: $(STAMP)
 	@for c in $(EXPORT_CONFIGS); do $(BIN)/effdeploy export --config $$c || exit 1; done
 
+# ---- quantize: the SE-after and SE-before reference models, W8A8 and W4A8, shipped calibration set
+QUANT_CONFIGS ?= configs/cifar10_b0w05_after.yaml configs/cifar10_b0w05_before.yaml
+
 quantize: $(STAMP)
-	$(BIN)/effdeploy quantize
+	@for c in $(QUANT_CONFIGS); do $(BIN)/effdeploy quantize --config $$c || exit 1; done
 
 clean:
 	rm -rf $(VENV) artifacts .pytest_cache

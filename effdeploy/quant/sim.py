@@ -192,14 +192,24 @@ class QuantSim:
         self.quantize_weights = True
         self.quantize_acts = True
         self._capture: dict[str, torch.Tensor] | None = None
-        modules = dict(self.model.named_modules())
         self._handles = []
-        first = self.model.stem
-        self._handles.append(first.register_forward_pre_hook(self._input_hook))
+        self.attach_hooks()
+
+    def attach_hooks(self) -> None:
+        """Install the quantizer hooks (done at construction)."""
+        if self._handles:
+            return
+        modules = dict(self.model.named_modules())
+        self._handles.append(self.model.stem.register_forward_pre_hook(self._input_hook))
         for mod_path, point in self._hook_paths.items():
-            if mod_path == "input":
-                continue
-            self._handles.append(modules[mod_path].register_forward_hook(self._make_hook(point)))
+            if mod_path != "input":
+                self._handles.append(modules[mod_path].register_forward_hook(self._make_hook(point)))
+
+    def detach_hooks(self) -> None:
+        """Remove the quantizer hooks: the model is then the plain BN-folded graph (for export)."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
 
     # ------------------------------------------------------------------ structure
     def _add_point(self, mod_path: str, name: str, kind: str, bits: int) -> None:

@@ -1,0 +1,247 @@
+"""ONNX QDQ emitter: the simulation's exact scales, as an ONNX model onnxruntime runs.
+
+The BN-folded simulation graph is exported once (dynamo exporter), then:
+- every quantization point becomes QuantizeLinear -> DequantizeLinear on its tensor, found by
+  module scope: the exporter records each node's module path, and a point named ``P`` is the
+  output of the last node inside scope ``P`` (``blocks.block2a.se`` -> the SE multiply,
+  ``blocks.block2a`` -> the residual add); ``input`` is the graph input;
+- every conv / linear weight becomes an integer initializer with a per-channel DequantizeLinear
+  (axis 0), 4-bit weights as INT4 (opset 21); biases become int32 with scale s_in * s_w, the
+  layout onnxruntime fuses into integer kernels;
+- activations of 8 bits use INT8, 4 bits INT4; other widths are stored in INT8 with a Clip to
+  their range in front of the QuantizeLinear, which is exact.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from effdeploy.errors import EffdeployError
+from effdeploy.fileio import atomic_path
+from effdeploy.quant.sim import QuantSim
+
+OPSET = 21
+
+
+def _scopes(node) -> list[str]:
+    for p in node.metadata_props:
+        if p.key == "pkg.torch.onnx.name_scopes":
+            import ast
+
+            return ast.literal_eval(p.value)
+    return []
+
+
+def emit_qdq_onnx(sim: QuantSim, path: str | Path) -> Path:
+    import onnx
+
+    path = Path(path)
+    res = sim.config.resolution
+    prev_mode = sim.mode
+    sim.detach_hooks()
+    try:
+        sim.set_weights(quantized=True)  # grid-valued weights, corrected biases
+        with atomic_path(path) as tmp, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                torch.onnx.export(
+                    sim.model.eval(),
+                    (torch.zeros(2, 3, res, res),),
+                    str(tmp),
+                    input_names=["images"],
+                    output_names=["logits"],
+                    opset_version=18,
+                    dynamic_shapes={"x": {0: torch.export.Dim("batch")}},
+                    dynamo=True,
+                    external_data=False,
+                    verbose=False,
+                )
+            except Exception as err:
+                raise EffdeployError(f"{path}: ONNX export failed ({str(err).splitlines()[0][:200]})") from None
+            model = onnx.load(str(tmp))
+            tensor_of = point_tensors(model, sim)  # before conversion: it drops node metadata
+            model = onnx.version_converter.convert_version(model, OPSET)  # INT4 needs opset 21
+            _insert_qdq(model, sim, tensor_of)
+            onnx.checker.check_model(model, full_check=True)
+            onnx.save(model, str(tmp))
+    finally:
+        sim.attach_hooks()
+        sim.mode = prev_mode
+        sim.set_weights(quantized=prev_mode == "quant")
+    return path
+
+
+def point_tensors(model, sim: QuantSim) -> dict[str, str]:
+    """Quantization point name -> ONNX tensor name, by module scope (see the module docstring)."""
+    graph = model.graph
+    last_in_scope: dict[str, str] = {}
+    for n in graph.node:
+        for scope in _scopes(n)[:-1]:
+            last_in_scope[scope] = n.output[0]
+    tensor_of = {"input": graph.input[0].name}
+    for name in sim.points:
+        if name == "input":
+            continue
+        if name not in last_in_scope:
+            raise EffdeployError(f"ONNX emitter: no tensor found for quantization point {name!r}")
+        tensor_of[name] = last_in_scope[name]
+    return tensor_of
+
+
+def _insert_qdq(model, sim: QuantSim, tensor_of: dict[str, str]) -> None:
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = model.graph
+    nodes = list(graph.node)
+    # a point that is a graph output (the logits): its producer writes "<name>_float" and the
+    # DequantizeLinear writes the graph output's own name
+    outputs = {o.name for o in graph.output}
+    dq_output: dict[str, str] = {}
+    for point, tensor in list(tensor_of.items()):
+        if tensor in outputs:
+            for n in nodes:
+                for i, o in enumerate(n.output):
+                    if o == tensor:
+                        n.output[i] = f"{tensor}_float"
+            tensor_of[point] = f"{tensor}_float"
+            dq_output[f"{tensor}_float"] = tensor
+
+    new_nodes = []
+    inits = []
+    dq_scale: dict[str, float] = {}  # dequantized tensor -> its activation scale
+    rename: dict[str, str] = {}
+    for name, tensor in tensor_of.items():
+        p = sim.points[name]
+        qp = p.qparams
+        key = name.replace(".", "_") or "input"
+        s_name, z_name = f"{key}_scale", f"{key}_zero_point"
+        bits = p.bits if p.bits <= 8 else 8
+        storage = TensorProto.INT4 if bits == 4 else TensorProto.INT8
+        inits.append(numpy_helper.from_array(np.array(qp.scale, dtype=np.float32), s_name))
+        inits.append(helper.make_tensor(z_name, storage, [], [qp.zero_point]))
+        src = tensor
+        if bits not in (4, 8):  # no ONNX type of this width: clip to the range, store in int8
+            lo_name, hi_name = f"{key}_lo", f"{key}_hi"
+            inits += [
+                numpy_helper.from_array(np.array(qp.lo, dtype=np.float32), lo_name),
+                numpy_helper.from_array(np.array(qp.hi, dtype=np.float32), hi_name),
+            ]
+            src = f"{key}_clipped"
+            new_nodes.append(helper.make_node("Clip", [tensor, lo_name, hi_name], [src], name=f"{key}_clip"))
+        new_nodes.append(helper.make_node("QuantizeLinear", [src, s_name, z_name], [f"{key}_q"], name=f"{key}_Q"))
+        dq = dq_output.get(tensor, f"{key}_dq")
+        new_nodes.append(helper.make_node("DequantizeLinear", [f"{key}_q", s_name, z_name], [dq], name=f"{key}_DQ"))
+        rename[tensor] = dq
+        dq_scale[dq] = qp.scale
+
+    # rewire consumers (not our own Q/Clip nodes) to the dequantized tensors
+    own = {n.name for n in new_nodes}
+    for n in nodes:
+        if n.name in own:
+            continue
+        for i, inp in enumerate(n.input):
+            if inp in rename:
+                n.input[i] = rename[inp]
+    # shape-only ops (the Reshape before the classifier) keep their input's quantization: give
+    # their output the same Q/DQ pair, as onnxruntime's own quantizer does, so no runtime has to
+    # propagate it
+    zp_of = {}
+    for name, tensor in tensor_of.items():
+        zp_of[rename[tensor]] = name.replace(".", "_") or "input"
+    for n in nodes:
+        if n.op_type in ("Reshape", "Flatten", "Squeeze", "Unsqueeze") and n.input[0] in dq_scale:
+            key = zp_of[n.input[0]]
+            out = n.output[0]
+            n.output[0] = f"{out}_float"
+            new_nodes.append(
+                helper.make_node(
+                    "QuantizeLinear",
+                    [f"{out}_float", f"{key}_scale", f"{key}_zero_point"],
+                    [f"{out}_q"],
+                    name=f"{out}_Q",
+                )
+            )
+            new_nodes.append(
+                helper.make_node(
+                    "DequantizeLinear", [f"{out}_q", f"{key}_scale", f"{key}_zero_point"], [out], name=f"{out}_DQ"
+                )
+            )
+            dq_scale[out] = dq_scale[n.input[0]]
+
+    # weights -> integer initializers + per-channel DequantizeLinear; biases -> int32
+    init_by_name = {i.name: i for i in graph.initializer}
+    for n in nodes:
+        if n.op_type not in ("Conv", "Gemm"):
+            continue
+        w_name = n.input[1]
+        layer = w_name.removesuffix(".weight")
+        if layer not in sim.weights:
+            raise EffdeployError(f"ONNX emitter: weight {w_name!r} is not a quantized layer")
+        w = sim.weights[layer]
+        scales = w.scales.double().numpy()
+        shape = (-1,) + (1,) * (w.float_weight.ndim - 1)
+        wq = np.rint(w.quantized().double().numpy() / scales.reshape(shape)).astype(np.int8)
+        storage = TensorProto.INT4 if w.bits <= 4 else TensorProto.INT8
+        key = layer.replace(".", "_")
+        inits.append(helper.make_tensor(f"{key}_wq", storage, list(wq.shape), wq.flatten().tolist()))
+        inits.append(numpy_helper.from_array(scales.astype(np.float32), f"{key}_wscale"))
+        inits.append(helper.make_tensor(f"{key}_wzero", storage, [len(scales)], [0] * len(scales)))
+        dq = helper.make_node(
+            "DequantizeLinear",
+            [f"{key}_wq", f"{key}_wscale", f"{key}_wzero"],
+            [f"{key}_wdq"],
+            axis=0,
+            name=f"{key}_wDQ",
+        )
+        new_nodes.append(dq)
+        n.input[1] = f"{key}_wdq"
+        graph.initializer.remove(init_by_name[w_name])
+        if len(n.input) > 2 and n.input[2] in init_by_name and n.input[0] in dq_scale:
+            b_init = init_by_name[n.input[2]]
+            b = numpy_helper.to_array(b_init).astype(np.float64)
+            b_scale = dq_scale[n.input[0]] * scales
+            bq = np.rint(b / b_scale).astype(np.int32)
+            inits.append(numpy_helper.from_array(bq, f"{key}_bq"))
+            inits.append(numpy_helper.from_array(b_scale.astype(np.float32), f"{key}_bscale"))
+            inits.append(numpy_helper.from_array(np.zeros(len(bq), np.int32), f"{key}_bzero"))
+            new_nodes.append(
+                helper.make_node(
+                    "DequantizeLinear",
+                    [f"{key}_bq", f"{key}_bscale", f"{key}_bzero"],
+                    [f"{key}_bdq"],
+                    axis=0,
+                    name=f"{key}_bDQ",
+                )
+            )
+            n.input[2] = f"{key}_bdq"
+            graph.initializer.remove(b_init)
+
+    graph.initializer.extend(inits)
+    # topological order: each Q/DQ right after its producer is simplest via a full re-sort
+    all_nodes = nodes + new_nodes
+    del graph.node[:]
+    graph.node.extend(_toposort(all_nodes, {i.name for i in graph.input} | {i.name for i in graph.initializer}))
+
+
+def _toposort(nodes, available: set[str]):
+    available = set(available) | {""}
+    pending = list(nodes)
+    ordered = []
+    while pending:
+        progress = False
+        rest = []
+        for n in pending:
+            if all(i in available for i in n.input):
+                ordered.append(n)
+                available.update(n.output)
+                progress = True
+            else:
+                rest.append(n)
+        if not progress:
+            raise EffdeployError(f"ONNX emitter: graph has a cycle or a missing input near {rest[0].name!r}")
+        pending = rest
+    return ordered
