@@ -96,6 +96,16 @@ def test_quantize_report(run: RunConfig, tmp_path: Path) -> None:
         assert len(r["block_snr_db"]) == n_blocks
         assert {"input", "classifier"} <= set(r["layer_snr_db"])
     assert rows[2]["weight_bytes"] < rows[0]["weight_bytes"] < report["float"]["bytes"]
+    # our method's QDQ artifact is written, runs in onnxruntime and is compared with the simulation
+    for r in rows:
+        arts = r["artifacts"]
+        if r["method"]["name"] == "ours":
+            a = arts["onnx_qdq"]
+            assert (out / a["file"]).is_file() and a["runtime"] == "onnxruntime"
+            assert a["session_options"]["session.x64quantprecision"] == 1
+            assert 0 <= a["agreement_with_simulation"] <= 1
+        else:
+            assert arts == {}
     assert report["held_out"]["images"] == 36 and report["calibration"]["images"] == 32
 
 
