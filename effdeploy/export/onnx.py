@@ -28,6 +28,28 @@ def onnx_metadata(model, class_names: list[str] | None = None) -> dict[str, str]
     }
 
 
+def torch_to_onnx(model: torch.nn.Module, dest: Path, *, opset: int, resolution: int, name: Path) -> None:
+    """The one torch.onnx call: input ``images`` NCHW with a dynamic batch, output ``logits``.
+    Failures become a one-line error naming ``name`` (the artifact the user asked for)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            torch.onnx.export(
+                model,
+                (torch.zeros(2, 3, resolution, resolution),),
+                str(dest),
+                input_names=["images"],
+                output_names=["logits"],
+                opset_version=opset,
+                dynamic_shapes={"x": {0: torch.export.Dim("batch")}},
+                dynamo=True,
+                external_data=False,
+                verbose=False,
+            )
+        except Exception as err:
+            raise EffdeployError(f"{name}: ONNX export failed ({str(err).splitlines()[0][:200]})") from None
+
+
 def export_onnx(
     model: torch.nn.Module,
     path: str | Path,
@@ -38,26 +60,9 @@ def export_onnx(
     import onnx
 
     path = Path(path)
-    res = model.config.resolution
-    sample = torch.zeros(2, 3, res, res)
     model = model.eval()
-    with atomic_path(path) as tmp, warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            torch.onnx.export(
-                model,
-                (sample,),
-                str(tmp),
-                input_names=["images"],
-                output_names=["logits"],
-                opset_version=opset,
-                dynamic_shapes={"x": {0: torch.export.Dim("batch")}},
-                dynamo=True,
-                external_data=False,
-                verbose=False,
-            )
-        except Exception as err:
-            raise EffdeployError(f"{path}: ONNX export failed ({str(err).splitlines()[0][:200]})") from None
+    with atomic_path(path) as tmp:
+        torch_to_onnx(model, tmp, opset=opset, resolution=model.config.resolution, name=path)
         proto = onnx.load(str(tmp))
         del proto.metadata_props[:]
         for key, value in onnx_metadata(model, class_names).items():

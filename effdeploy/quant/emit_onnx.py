@@ -14,13 +14,12 @@ The BN-folded simulation graph is exported once (dynamo exporter), then:
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from effdeploy.errors import EffdeployError
+from effdeploy.export.onnx import DEFAULT_OPSET, torch_to_onnx
 from effdeploy.fileio import atomic_path
 from effdeploy.quant.sim import QuantSim
 
@@ -45,23 +44,8 @@ def emit_qdq_onnx(sim: QuantSim, path: str | Path) -> Path:
     sim.detach_hooks()
     try:
         sim.set_weights(quantized=True)  # grid-valued weights, corrected biases
-        with atomic_path(path) as tmp, warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            try:
-                torch.onnx.export(
-                    sim.model.eval(),
-                    (torch.zeros(2, 3, res, res),),
-                    str(tmp),
-                    input_names=["images"],
-                    output_names=["logits"],
-                    opset_version=18,
-                    dynamic_shapes={"x": {0: torch.export.Dim("batch")}},
-                    dynamo=True,
-                    external_data=False,
-                    verbose=False,
-                )
-            except Exception as err:
-                raise EffdeployError(f"{path}: ONNX export failed ({str(err).splitlines()[0][:200]})") from None
+        with atomic_path(path) as tmp:
+            torch_to_onnx(sim.model.eval(), tmp, opset=DEFAULT_OPSET, resolution=res, name=path)
             model = onnx.load(str(tmp))
             tensor_of = point_tensors(model, sim)  # before conversion: it drops node metadata
             model = onnx.version_converter.convert_version(model, OPSET)  # INT4 needs opset 21

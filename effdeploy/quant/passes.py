@@ -47,6 +47,16 @@ def _channel_mean(t: torch.Tensor) -> torch.Tensor:
     return t.transpose(0, 1).reshape(t.shape[1], -1).mean(1)
 
 
+def _layer_io(sim: QuantSim, module: torch.nn.Module, batches, *, quantized: bool, inputs: bool = False):
+    """A layer's inputs (or outputs) over ``batches``, in the quantized or the float network."""
+    cap = _Capture(module, keep_input=inputs, keep_output=not inputs)
+    try:
+        _run(sim, batches, quantized=quantized)
+    finally:
+        cap.remove()
+    return torch.cat(cap.inputs if inputs else cap.outputs)
+
+
 @torch.no_grad()
 def _run(sim: QuantSim, batches, quantized: bool) -> None:
     prev = sim.mode
@@ -70,10 +80,7 @@ def bias_correction(sim: QuantSim, batches: list[torch.Tensor], layers: list[str
     shifts = {}
     for n in progress(names, desc="bias correction", unit="layer"):
         w = sim.weights[n]
-        cap = _Capture(w.module)
-        _run(sim, batches, quantized=True)
-        cap.remove()
-        shift = float_mean[n] - _channel_mean(torch.cat(cap.outputs))
+        shift = float_mean[n] - _channel_mean(_layer_io(sim, w.module, batches, quantized=True))
         if w.module.bias is None:
             w.module.bias = torch.nn.Parameter(torch.zeros_like(shift))
             w.float_bias = torch.zeros_like(shift)
@@ -167,13 +174,8 @@ def adaround(
     for n in progress(names, desc="adaround", unit="layer"):
         w = sim.weights[n]
         # target: the float network's output of this layer; input: the quantized network's input
-        cap_f = _Capture(w.module)
-        _run(sim, batches, quantized=False)
-        cap_f.remove()
-        cap_q = _Capture(w.module, keep_input=True, keep_output=False)
-        _run(sim, batches, quantized=True)
-        cap_q.remove()
-        inputs, targets = torch.cat(cap_q.inputs), torch.cat(cap_f.outputs)
+        targets = _layer_io(sim, w.module, batches, quantized=False)
+        inputs = _layer_io(sim, w.module, batches, quantized=True, inputs=True)
         inputs, targets = _samples(inputs, targets, max_samples, seed)
         # the layer's own (float) bias stays in both sides of the reconstruction
         qweight, stats = adaround_layer(w, inputs, targets, iters=iters, batch_size=batch_size, seed=seed)
