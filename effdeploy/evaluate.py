@@ -4,14 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from effdeploy.data.folders import scan_labelled
-from effdeploy.data.preprocess import preprocess_file
+from effdeploy.data.datasets import load_images
 from effdeploy.errors import EffdeployError
 from effdeploy.metrics import topk_accuracy
-from effdeploy.progress import progress
 
 
 def load_model_source(*, checkpoint: Path | None = None, pretrained: str | None = None):
@@ -27,28 +24,18 @@ def load_model_source(*, checkpoint: Path | None = None, pretrained: str | None 
     return checkpoints.load_checkpoint(checkpoint)
 
 
-@torch.inference_mode()
-def predict_logits(model: torch.nn.Module, files, batch_size: int = 64, desc: str = "eval") -> np.ndarray:
-    model.eval()
-    pre = model.config.preprocess
-    out = []
-    for start in progress(range(0, len(files), batch_size), desc=desc, unit="batch"):
-        batch = np.stack([preprocess_file(f, pre) for f in files[start : start + batch_size]])
-        out.append(model(torch.from_numpy(batch)).float().numpy())
-    return np.concatenate(out)
-
-
 def evaluate_model(model: torch.nn.Module, data: str | Path, batch_size: int = 64) -> dict:
-    images = scan_labelled(data)
+    from effdeploy.train.trainer import predict_pixels
+
+    images = load_images(data, model.config.preprocess)
     if len(images.class_names) > model.config.num_classes:
         raise EffdeployError(
             f"{data}: {len(images.class_names)} classes but the model has {model.config.num_classes} outputs"
         )
-    logits = predict_logits(model, images.files, batch_size)
-    labels = np.asarray(images.labels)
+    logits = predict_pixels(model, images.pixels, batch_size)
     return {
         "data": str(data),
         "images": len(images),
-        "top1": topk_accuracy(logits, labels, 1),
-        "top5": topk_accuracy(logits, labels, 5),
+        "top1": topk_accuracy(logits, images.labels, 1),
+        "top5": topk_accuracy(logits, images.labels, 5),
     }

@@ -59,6 +59,11 @@ def emit_qdq_onnx(sim: QuantSim, path: str | Path) -> Path:
     return path
 
 
+def _key(name: str) -> str:
+    """Initializer / node name stem of a point or layer (``blocks.block2a.se`` -> ``blocks_block2a_se``)."""
+    return name.replace(".", "_")
+
+
 def point_tensors(model, sim: QuantSim) -> dict[str, str]:
     """Quantization point name -> ONNX tensor name, by module scope (see the module docstring)."""
     graph = model.graph
@@ -101,7 +106,7 @@ def _insert_qdq(model, sim: QuantSim, tensor_of: dict[str, str]) -> None:
     for name, tensor in tensor_of.items():
         p = sim.points[name]
         qp = p.qparams
-        key = name.replace(".", "_") or "input"
+        key = _key(name)
         s_name, z_name = f"{key}_scale", f"{key}_zero_point"
         bits = p.bits if p.bits <= 8 else 8
         storage = TensorProto.INT4 if bits == 4 else TensorProto.INT8
@@ -135,7 +140,7 @@ def _insert_qdq(model, sim: QuantSim, tensor_of: dict[str, str]) -> None:
     # propagate it
     zp_of = {}
     for name, tensor in tensor_of.items():
-        zp_of[rename[tensor]] = name.replace(".", "_") or "input"
+        zp_of[rename[tensor]] = _key(name)
     for n in nodes:
         if n.op_type in ("Reshape", "Flatten", "Squeeze", "Unsqueeze") and n.input[0] in dq_scale:
             key = zp_of[n.input[0]]
@@ -170,7 +175,7 @@ def _insert_qdq(model, sim: QuantSim, tensor_of: dict[str, str]) -> None:
         shape = (-1,) + (1,) * (w.float_weight.ndim - 1)
         wq = np.rint(w.quantized().double().numpy() / scales.reshape(shape)).astype(np.int8)
         storage = TensorProto.INT4 if w.bits <= 4 else TensorProto.INT8
-        key = layer.replace(".", "_")
+        key = _key(layer)
         inits.append(helper.make_tensor(f"{key}_wq", storage, list(wq.shape), wq.flatten().tolist()))
         inits.append(numpy_helper.from_array(scales.astype(np.float32), f"{key}_wscale"))
         inits.append(helper.make_tensor(f"{key}_wzero", storage, [len(scales)], [0] * len(scales)))

@@ -59,12 +59,9 @@ def _layer_io(sim: QuantSim, module: torch.nn.Module, batches, *, quantized: boo
 
 @torch.no_grad()
 def _run(sim: QuantSim, batches, quantized: bool) -> None:
-    prev = sim.mode
-    sim.mode = "quant" if quantized else "float"
-    sim.set_weights(quantized=quantized)
-    for x in batches:
-        sim.model(x)
-    sim.mode = prev
+    with sim.running(quantized):
+        for x in batches:
+            sim.model(x)
 
 
 @torch.no_grad()
@@ -84,8 +81,8 @@ def bias_correction(sim: QuantSim, batches: list[torch.Tensor], layers: list[str
         if w.module.bias is None:
             w.module.bias = torch.nn.Parameter(torch.zeros_like(shift))
             w.float_bias = torch.zeros_like(shift)
+        # the next layer's quantized pass applies it (set_weights adds bias_delta)
         w.bias_delta = shift if w.bias_delta is None else w.bias_delta + shift
-        w.module.bias.copy_(w.float_bias + w.bias_delta)  # the next layer's pass sees it
         shifts[n] = float(shift.norm())
     sim.set_weights(quantized=sim.mode == "quant")
     return shifts

@@ -123,12 +123,13 @@ def quantize_run(run: RunConfig, out_dir: str | Path, *, log=print) -> dict:
                     sim, out_dir / f"model_{precision}.onnx", held_x, logits, float_logits
                 )
             ranked = sorted(((v, k) for k, v in layers.items()), key=lambda t: t[0])
+            top1 = topk_accuracy(logits, held.labels, 1)
             row = {
                 "precision": precision,
                 "method": asdict(method),
-                "top1": topk_accuracy(logits, held.labels, 1),
+                "top1": top1,
                 "top5": topk_accuracy(logits, held.labels, 5),
-                "top1_delta": topk_accuracy(logits, held.labels, 1) - float_top1,
+                "top1_delta": top1 - float_top1,
                 "agreement": top1_agreement(float_logits, logits),
                 "output_snr_db": snr_db(float_logits, logits),
                 "worst_layers": [{"name": k, "snr_db": v} for v, k in ranked[:3]],

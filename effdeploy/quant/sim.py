@@ -19,6 +19,7 @@ model holds in int8:
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -292,20 +293,28 @@ class QuantSim:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
 
-    @torch.no_grad()
-    def run_capture(self, x: torch.Tensor, quantized: bool = True) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Logits and every quantization point's tensor, quantized or in float (same graph)."""
+    @contextlib.contextmanager
+    def running(self, quantized: bool):
+        """Run the quantized or the float network (weights and biases to match), then restore."""
         prev = self.mode
         self.mode = "quant" if quantized else "float"
         self.set_weights(quantized=quantized)
+        try:
+            yield
+        finally:
+            self.mode = prev
+            self.set_weights(quantized=prev == "quant")
+
+    @torch.no_grad()
+    def run_capture(self, x: torch.Tensor, quantized: bool = True) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Logits and every quantization point's tensor, quantized or in float (same graph)."""
         self._capture = {}
         try:
-            out = self.model(x)
+            with self.running(quantized):
+                out = self.model(x)
             return out, self._capture
         finally:
             self._capture = None
-            self.mode = prev
-            self.set_weights(quantized=prev == "quant")
 
     def ranges(self) -> list[dict]:
         return [p.to_dict() for p in self.points.values()]
