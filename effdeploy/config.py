@@ -258,6 +258,10 @@ class QuantConfig(_Strict):
     eval_data: Path | None = None  # default: data.test
     eval_images: int | None = Field(None, ge=1)
     snr_images: int = Field(256, ge=1)
+    # runtime artifacts of our quantization, each run and compared with the simulation
+    runtimes: tuple[Literal["onnxruntime", "litert"], ...] = ("onnxruntime", "litert")
+    # the tools users would otherwise pick, on the same model and calibration set
+    peers: bool = True
 
     @field_validator("precisions")
     @classmethod

@@ -11,6 +11,11 @@ def snr_db(reference: np.ndarray, test: np.ndarray) -> float:
     err = np.asarray(test, dtype=np.float64) - ref
     noise = float(np.sum(err * err))
     signal = float(np.sum(ref * ref))
+    return snr_from_sums(signal, noise)
+
+
+def snr_from_sums(signal: float, noise: float) -> float:
+    """The same SNR from accumulated sums of ref^2 and (test - ref)^2 (for streaming over batches)."""
     if noise == 0.0:
         return float("inf")
     if signal == 0.0:

@@ -134,6 +134,9 @@ def print_quant(report: dict) -> None:
         rt.add_column(col, justify="left" if col in ("precision", "file", "runtime", "options") else "right")
     for r in report["results"]:
         for a in r.get("artifacts", {}).values():
+            if "skipped" in a:
+                rt.add_row(r["precision"], "-", a["runtime"], "", "", "", f"skipped: {a['skipped']}")
+                continue
             opts = ", ".join(f"{k}={v}" for k, v in a["session_options"].items() if v is not None)
             rt.add_row(
                 r["precision"],
@@ -146,3 +149,34 @@ def print_quant(report: dict) -> None:
             )
     if rt.row_count:
         _console().print(rt)
+    peers = [p for p in report.get("peers", []) if "error" not in p]
+    if peers:
+        pt = Table(
+            title="peers: the tools users would otherwise pick, same float model, calibration and held-out images"
+        )
+        for col in (
+            "precision",
+            "peer",
+            "calibration",
+            "top-1",
+            "vs float",
+            "agreement",
+            "output SNR",
+            "size",
+            "options",
+        ):
+            pt.add_column(col, justify="left" if col in ("precision", "peer", "calibration", "options") else "right")
+        for p in peers:
+            opts = ", ".join(f"{k}={v}" for k, v in p["session_options"].items() if v is not None)
+            pt.add_row(
+                p["precision"],
+                p["peer"],
+                p["calibration"],
+                f"{100 * p['top1']:.2f}%",
+                f"{100 * p['top1_delta']:+.2f}",
+                f"{100 * p['agreement']:.2f}%",
+                f"{p['output_snr_db']:.2f} dB",
+                f"{p['bytes'] / 1e6:.2f} MB",
+                opts,
+            )
+        _console().print(pt)

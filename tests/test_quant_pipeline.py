@@ -66,6 +66,8 @@ def run(tmp_path: Path, repo_root: Path, monkeypatch) -> RunConfig:
                 "calibration_images": 32,
                 "adaround_iters": 3,
                 "snr_images": 8,
+                "runtimes": ["onnxruntime"],
+                "peers": False,
             },
         },
         "test",
@@ -107,6 +109,30 @@ def test_quantize_report(run: RunConfig, tmp_path: Path) -> None:
         else:
             assert arts == {}
     assert report["held_out"]["images"] == 36 and report["calibration"]["images"] == 32
+
+
+def test_quantize_with_tflite_and_peers(run: RunConfig, tmp_path: Path) -> None:
+    """The full-integer TFLite artifact and the peers land in the report beside ours."""
+    quant = run.quant.model_copy(update={"precisions": ("w8a8",), "runtimes": ("litert",), "peers": True})
+    out = tmp_path / "out"
+    report = quantize_run(run.model_copy(update={"quant": quant}), out, log=lambda m: None)
+    ours = [r for r in report["results"] if r["method"]["name"] == "ours"][0]
+    art = ours["artifacts"]["tflite_int8"]
+    assert set(ours["artifacts"]) == {"tflite_int8"} and (out / art["file"]).is_file()
+    assert art["input"]["dtype"] == "int8" and art["float_ops"] == []
+    assert set(art["layer_snr_db"]) <= set(ours["layer_snr_db"]) and "input" in art["layer_snr_db"]
+    assert [p["peer"] for p in report["peers"]] == [
+        "ort-minmax",
+        "ort-minmax-default-session",
+        "ort-percentile",
+        "ort-entropy",
+        "aeq-static",
+    ]
+    # a peer that fails (onnxruntime's Percentile cannot histogram this random net's constant
+    # tensors) is reported with its one-line error, not dropped and not fatal
+    for p in report["peers"]:
+        assert (out / p["file"]).is_file() if "error" not in p else p["error"].startswith(str(out))
+    assert sum("error" not in p for p in report["peers"]) >= 4
 
 
 def test_quantize_reorders_when_placement_differs(run: RunConfig, tmp_path: Path) -> None:

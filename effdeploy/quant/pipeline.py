@@ -19,7 +19,7 @@ import torch
 
 from effdeploy.config import RunConfig, parse_precision
 from effdeploy.errors import EffdeployError
-from effdeploy.metrics import snr_db, top1_agreement, topk_accuracy
+from effdeploy.metrics import snr_db, snr_from_sums, top1_agreement, topk_accuracy
 from effdeploy.quant.sim import QuantSim
 
 
@@ -103,6 +103,7 @@ def quantize_run(run: RunConfig, out_dir: str | Path, *, log=print) -> dict:
     )
 
     results = []
+    peers: list[dict] = []
     overrides_w = [(o.pattern, o.weight_bits) for o in q.overrides]
     overrides_a = [(o.pattern, o.act_bits) for o in q.overrides]
     for precision in q.precisions:
@@ -119,8 +120,8 @@ def quantize_run(run: RunConfig, out_dir: str | Path, *, log=print) -> dict:
             layers = layer_snr(sim, snr_batches)
             artifacts = {}
             if method.name == "ours":
-                artifacts["onnx_qdq"] = runtime_check(
-                    sim, out_dir / f"model_{precision}.onnx", held_x, logits, float_logits
+                artifacts = runtime_artifacts(
+                    sim, q.runtimes, out_dir, precision, cal.inputs(pre), held_x, logits, float_logits, snr_batches
                 )
             ranked = sorted(((v, k) for k, v in layers.items()), key=lambda t: t[0])
             top1 = topk_accuracy(logits, held.labels, 1)
@@ -143,6 +144,9 @@ def quantize_run(run: RunConfig, out_dir: str | Path, *, log=print) -> dict:
             }
             results.append(row)
             for art in artifacts.values():
+                if "skipped" in art:
+                    log(f"    {art['runtime']}: skipped ({art['skipped']})")
+                    continue
                 log(
                     f"    {art['file']} in {art['runtime']}: agreement with simulation "
                     f"{100 * art['agreement_with_simulation']:.2f}%, SNR {art['output_snr_db']:.2f} dB "
@@ -153,6 +157,10 @@ def quantize_run(run: RunConfig, out_dir: str | Path, *, log=print) -> dict:
                 f"({100 * row['top1_delta']:+.2f}), agreement {100 * row['agreement']:.2f}%, "
                 f"SNR {row['output_snr_db']:.2f} dB ({row['seconds']:.0f} s)"
             )
+        if q.peers:
+            from effdeploy.quant.peers import run_peers
+
+            peers.extend(run_peers(model, cal.inputs(pre), held_x, held.labels, float_logits, wb, ab, out_dir, log=log))
 
     report = {
         "name": run.name,
@@ -164,8 +172,9 @@ def quantize_run(run: RunConfig, out_dir: str | Path, *, log=print) -> dict:
         "calibration": {"file": str(q.calibration), "images": len(cal)},
         "config": json.loads(q.model_dump_json()),
         "snr_definition": "10*log10(sum(ref^2) / sum((q - ref)^2)) in dB, ref = float (BN-folded) network",
-        "runtime": "simulation (PyTorch fake-quant); ONNX QDQ artifacts run in onnxruntime (CPU)",
+        "runtime": "simulation (PyTorch fake-quant); ONNX QDQ in onnxruntime, full-integer TFLite in LiteRT (CPU)",
         "results": results,
+        "peers": peers,
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     from effdeploy.report import json_safe
@@ -175,22 +184,53 @@ def quantize_run(run: RunConfig, out_dir: str | Path, *, log=print) -> dict:
     return report
 
 
-def runtime_check(sim: QuantSim, path: Path, x: np.ndarray, sim_logits: np.ndarray, float_logits: np.ndarray) -> dict:
-    """Emit the QDQ model, run it in onnxruntime on the held-out images, compare with the
-    simulation (the contract: top-1 agreement >= 99% and output SNR within 1 dB)."""
-    from effdeploy.quant.emit_onnx import emit_qdq_onnx
+def runtime_artifacts(
+    sim: QuantSim,
+    runtimes,
+    out_dir: Path,
+    precision: str,
+    calibration: np.ndarray,
+    held_x: np.ndarray,
+    sim_logits: np.ndarray,
+    float_logits: np.ndarray,
+    snr_batches: list[torch.Tensor],
+) -> dict:
+    """Emit each runtime artifact of this configuration, run it on the held-out images and
+    compare with the simulation (the contract: top-1 agreement >= 99%, output SNR within 1 dB)."""
     from effdeploy.runtime import load_backend
     from effdeploy.runtime.base import run_batched
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    emit_qdq_onnx(sim, path)
-    backend = load_backend("onnxruntime", path)
-    out = run_batched(backend, x, 256)
+    out: dict[str, dict] = {}
+    if "onnxruntime" in runtimes:
+        from effdeploy.quant.emit_onnx import emit_qdq_onnx
+
+        path = out_dir / f"model_{precision}.onnx"
+        emit_qdq_onnx(sim, path)
+        backend = load_backend("onnxruntime", path)
+        info = {"file": path.name, "bytes": path.stat().st_size, "runtime": "onnxruntime"}
+        info["session_options"] = backend.session_options
+        out["onnx_qdq"] = _compare(info, run_batched(backend, held_x, 256), sim_logits, float_logits)
+    if "litert" in runtimes:
+        from effdeploy.quant.emit_tflite import emit_tflite, litert_layer_snr
+
+        path = out_dir / f"model_{precision}.tflite"
+        try:
+            info = emit_tflite(sim, path, calibration)
+        except EffdeployError as err:
+            out["tflite_int8"] = {"runtime": "litert", "skipped": str(err)}
+            return out
+        tensor_map = info.pop("tensor_map")
+        info.update(runtime="litert", session_options={"delegate": "XNNPACK (LiteRT default, CPU)"})
+        out["tflite_int8"] = _compare(
+            info, run_batched(load_backend("litert", path), held_x, 256), sim_logits, float_logits
+        )
+        out["tflite_int8"]["layer_snr_db"] = litert_layer_snr(path, tensor_map, sim, snr_batches)
+    return out
+
+
+def _compare(info: dict, out: np.ndarray, sim_logits: np.ndarray, float_logits: np.ndarray) -> dict:
     return {
-        "file": path.name,
-        "bytes": path.stat().st_size,
-        "runtime": "onnxruntime",
-        "session_options": backend.session_options,
+        **info,
         "agreement_with_simulation": top1_agreement(sim_logits, out),
         "snr_vs_simulation_db": snr_db(sim_logits, out),
         "output_snr_db": snr_db(float_logits, out),
@@ -211,9 +251,7 @@ def layer_snr(sim: QuantSim, batches: list[torch.Tensor]) -> dict[str, float]:
             r = ref.double()
             signal[name] = signal.get(name, 0.0) + float((r * r).sum())
             noise[name] = noise.get(name, 0.0) + float(((qq[name].double() - r) ** 2).sum())
-    return {
-        n: (float("inf") if noise[n] == 0 else 10 * float(np.log10(max(signal[n], 1e-300) / noise[n]))) for n in signal
-    }
+    return {n: snr_from_sums(signal[n], noise[n]) for n in signal}
 
 
 def weight_bytes(sim: QuantSim) -> int:

@@ -1,0 +1,281 @@
+"""Full-integer TFLite emitter: the simulation's weights and activation ranges, packed by
+ai-edge-quantizer (the maintained TFLite PTQ tool) into an int8 model with int8 NHWC input and
+output.
+
+ai-edge-quantizer's ``quantize(calibration_result)`` accepts ``{tensor: {min, max}}`` from
+anywhere, so our numbers go in and its own moving-average calibration (which clips logits)
+never runs:
+
+1. the BN-folded simulation graph, its weights already on their quantization grid (AdaRound's
+   rounding and bias correction included), is converted to a float TFLite model (litert-torch,
+   NHWC input, no TRANSPOSE);
+2. each TFLite activation tensor is mapped to the simulation point whose float tensor it equals,
+   by value on a few images (converters rename tensors; numbers do not change);
+3. mapped tensors get the simulation's [lo, hi], which reproduces its scale and zero-point
+   exactly; the few tensors with no point (PAD outputs, which share their input's
+   quantization anyway) get true min-max over the calibration images;
+4. weights are quantized per channel with min-max, which recovers the simulation's scales
+   exactly because each channel's largest |w| already sits at the end of its grid.
+
+Limits, recorded in the returned info: activations must be 8 bits (LiteRT's integer kernels);
+ai-edge-quantizer has no int4 depthwise conv, so with 4-bit weights the depthwise filters are
+stored in int8 (their 4-bit grid values then carry an extra error of at most 1/36 of the 4-bit
+step); weight widths other than 4 and 8 are stored in int8 the same way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import tempfile
+import warnings
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from effdeploy.errors import EffdeployError
+from effdeploy.fileio import atomic_write_bytes
+from effdeploy.quant.sim import QuantSim
+
+MATCH_TOLERANCE = 1e-4  # max |tflite - torch| / max |torch| for "the same tensor"
+
+
+@contextlib.contextmanager
+def _silenced():
+    """ai-edge-quantizer prints progress bars and reports; our output stays ours."""
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+
+
+def _interpreter(path_or_bytes, *, preserve: bool = False):
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    src = (
+        {"model_content": bytes(path_or_bytes)}
+        if isinstance(path_or_bytes, (bytes, bytearray))
+        else {"model_path": str(path_or_bytes)}
+    )
+    # no XNNPACK: its fused subgraphs hide intermediate tensors
+    return Interpreter(
+        **src,
+        experimental_preserve_all_tensors=preserve,
+        experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES,
+    )
+
+
+def run_all_tensors(model, x_nhwc: np.ndarray) -> tuple[object, dict[str, np.ndarray]]:
+    """Run a TFLite model keeping every tensor; returns (interpreter, {name: value}). Integer
+    tensors are returned dequantized."""
+    it = _interpreter(model, preserve=True)
+    inp = it.get_input_details()[0]
+    it.resize_tensor_input(inp["index"], list(x_nhwc.shape))
+    it.allocate_tensors()
+    x = x_nhwc.astype(np.float32)
+    if inp["dtype"] != np.float32:
+        scale, zero = inp["quantization"]
+        info = np.iinfo(inp["dtype"])
+        x = np.clip(np.round(x / scale + zero), info.min, info.max).astype(inp["dtype"])
+    it.set_tensor(inp["index"], x)
+    it.invoke()
+    values = {}
+    for d in it.get_tensor_details():
+        try:
+            t = it.get_tensor(d["index"])
+        except ValueError:
+            continue
+        if t.shape and t.shape[0] == len(x_nhwc) and t.dtype in (np.int8, np.int16, np.float32):
+            if t.dtype != np.float32:
+                scale, zero = d["quantization"]
+                if not scale:
+                    continue
+                t = (t.astype(np.float32) - zero) * scale
+            values[d["name"]] = t
+    return it, values
+
+
+def _nhwc(t: torch.Tensor) -> np.ndarray:
+    return (t.permute(0, 2, 3, 1) if t.ndim == 4 else t).numpy()
+
+
+def match_points(tensors: dict[str, np.ndarray], captures: dict[str, np.ndarray], order: list[str]) -> dict[str, str]:
+    """TFLite tensor name -> simulation point, by value. Where several points hold the same
+    numbers (a SE pool over a 1x1 map equals its input), the first in network order wins."""
+    mapping = {}
+    for name, t in tensors.items():
+        for point in order:
+            v = captures[point]
+            if v.size != t.size or v.shape[0] != t.shape[0]:
+                continue
+            if v.shape != t.shape:
+                if np.prod(v.shape[1:-1]) != 1 and np.prod(t.shape[1:-1]) != 1:
+                    continue  # only layouts that agree when spatial dims are 1
+                v = v.reshape(t.shape)
+            denom = float(np.abs(v).max()) or 1.0
+            if float(np.abs(v - t).max()) / denom < MATCH_TOLERANCE:
+                mapping[name] = point
+                break
+    return mapping
+
+
+@contextlib.contextmanager
+def _plain_graph(sim: QuantSim):
+    """The simulation's model with grid weights and no hooks (what gets converted)."""
+    prev = sim.mode
+    sim.detach_hooks()
+    sim.set_weights(quantized=True)
+    try:
+        yield sim.model.eval()
+    finally:
+        sim.attach_hooks()
+        sim.mode = prev
+        sim.set_weights(quantized=prev == "quant")
+
+
+def _weight_captures(sim: QuantSim, x: np.ndarray) -> dict[str, np.ndarray]:
+    """Every point's tensor with quantized weights but float activations: what the float TFLite
+    model of the grid-weight graph computes."""
+    prev = sim.quantize_acts
+    sim.quantize_acts = False
+    try:
+        _, cap = sim.run_capture(torch.from_numpy(x), quantized=True)
+    finally:
+        sim.quantize_acts = prev
+    return {k: _nhwc(v) for k, v in cap.items()}
+
+
+def emit_tflite(sim: QuantSim, path: str | Path, calibration: np.ndarray, *, match_images: int = 8) -> dict:
+    """Write the full-integer TFLite model of ``sim`` to ``path``; ``calibration`` (NCHW float)
+    supplies the ranges of the few tensors the simulation has no point for."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    try:
+        from ai_edge_quantizer import quantizer as aeq
+    except ImportError:
+        raise EffdeployError("full-integer TFLite needs ai-edge-quantizer (pip install ai-edge-quantizer)") from None
+    from effdeploy.export.tflite import export_tflite
+
+    act_bits = {p.bits for p in sim.points.values() if p.fixed is None}
+    if act_bits != {8}:
+        raise EffdeployError(
+            f"TFLite full-integer models need 8-bit activations (this configuration has {sorted(act_bits)} bits)"
+        )
+    path = Path(path)
+    weight_bits = {w.bits for w in sim.weights.values()}
+    container = 4 if weight_bits == {4} else 8
+    notes = []
+    if container == 4:
+        notes.append("depthwise filters stored in int8 (ai-edge-quantizer has no int4 depthwise conv)")
+    elif weight_bits != {8}:
+        notes.append(f"weights of {sorted(weight_bits)} bits stored in int8 containers")
+
+    with tempfile.TemporaryDirectory(prefix="effdeploy-tflite-") as tmp:
+        float_path = Path(tmp) / "float.tflite"
+        with _plain_graph(sim) as graph:
+            export_tflite(graph, float_path)
+        x_match = calibration[:match_images]
+        _, float_tensors = run_all_tensors(float_path, np.transpose(x_match, (0, 2, 3, 1)))
+        captures = _weight_captures(sim, x_match)
+        order = list(sim.points)
+
+        qt = aeq.Quantizer(str(float_path))
+        qt.add_static_config(".*", "*", 8, container)
+        if container == 4:
+            qt.add_static_config(".*", "DEPTHWISE_CONV_2D", 8, 8)
+        with _silenced():
+            sample = {"serving_default": [{"args_0": np.transpose(calibration[:1], (0, 2, 3, 1)).copy()}]}
+            qsvs = qt.calibrate(sample, num_threads=1)
+        wanted = {n: float_tensors[n] for n in qsvs if n in float_tensors}
+        mapping = match_points(wanted, captures, order)
+        unmapped = [n for n in qsvs if n not in mapping]
+        lo_hi = _minmax_over(float_path, calibration, unmapped)
+        for name, qsv in qsvs.items():
+            if name in mapping:
+                qp = sim.points[mapping[name]].qparams
+                lo, hi = qp.lo, qp.hi
+            elif name in lo_hi:
+                lo, hi = lo_hi[name]
+            else:
+                continue  # constants: ai-edge-quantizer quantizes them from their values
+            shape = np.asarray(qsv["min"]).shape
+            qsvs[name] = {"min": np.full(shape, lo, np.float32), "max": np.full(shape, hi, np.float32)}
+        with _silenced():
+            result = qt.quantize(qsvs, enable_progress_report=False, enable_progress_bar=False)
+    model = bytes(result.quantized_model)
+    atomic_write_bytes(path, model)
+    info = inspect_tflite(path)
+    info.update(
+        {
+            "file": path.name,
+            "bytes": path.stat().st_size,
+            "tensors_mapped_to_simulation": len(mapping),
+            "tensors_with_own_minmax": sorted(_short(n) for n in lo_hi),
+            "tensor_map": {n: p for n, p in mapping.items()},
+            "notes": notes,
+        }
+    )
+    return info
+
+
+def _short(name: str) -> str:
+    """The module part of a litert-torch tensor name (``...MBConv_block2a/...Conv2d_conv;2`` -> ``block2a/conv;2``)."""
+    parts = name.split("/")
+    tail = [p.rsplit("_", 1)[-1] if "_" in p else p for p in parts[2:]]
+    return "/".join(tail) or name
+
+
+def _minmax_over(float_path: Path, calibration: np.ndarray, names: list[str], batch: int = 16) -> dict[str, tuple]:
+    """True min-max (over every image, not a moving average) of the named tensors."""
+    found: dict[str, list[float]] = {}
+    if not names:
+        return {}
+    for i in range(0, len(calibration), batch):
+        _, values = run_all_tensors(float_path, np.transpose(calibration[i : i + batch], (0, 2, 3, 1)))
+        for n in names:
+            if n in values:
+                lo, hi = float(values[n].min()), float(values[n].max())
+                prev = found.get(n)
+                found[n] = [lo, hi] if prev is None else [min(prev[0], lo), max(prev[1], hi)]
+    return {n: tuple(v) for n, v in found.items()}
+
+
+def inspect_tflite(path: str | Path) -> dict:
+    """Operators, I/O types and any float activation left in a (meant to be) full-integer model."""
+    it = _interpreter(path)
+    it.allocate_tensors()
+    ops = it._get_ops_details()
+    details = {d["index"]: d for d in it.get_tensor_details()}
+    float_ops = sorted(
+        {o["op_name"] for o in ops if any(details[i]["dtype"] == np.float32 for i in o["outputs"] if i in details)}
+    )
+    inp, out = it.get_input_details()[0], it.get_output_details()[0]
+    return {
+        "ops": dict(Counter(o["op_name"] for o in ops)),
+        "float_ops": float_ops,
+        "input": {"shape": [int(s) for s in inp["shape"]], "dtype": inp["dtype"].__name__},
+        "output": {"shape": [int(s) for s in out["shape"]], "dtype": out["dtype"].__name__},
+    }
+
+
+def litert_layer_snr(path: str | Path, tensor_map: dict[str, str], sim: QuantSim, batches: list[torch.Tensor]) -> dict:
+    """Per point SNR (dB) of the LiteRT int8 tensors against the float network, same images."""
+    from effdeploy.metrics import snr_from_sums
+
+    signal: dict[str, float] = {}
+    noise: dict[str, float] = {}
+    for x in batches:
+        _, ref = sim.run_capture(x, quantized=False)
+        _, values = run_all_tensors(path, np.transpose(x.numpy(), (0, 2, 3, 1)))
+        seen = set()
+        for name, point in tensor_map.items():
+            if name not in values or point in seen:
+                continue  # one tensor per point (a RESHAPE can repeat its input's numbers)
+            seen.add(point)
+            r = _nhwc(ref[point]).astype(np.float64)
+            q = values[name].astype(np.float64).reshape(r.shape)
+            signal[point] = signal.get(point, 0.0) + float((r * r).sum())
+            noise[point] = noise.get(point, 0.0) + float(((q - r) ** 2).sum())
+    return {p: snr_from_sums(signal[p], noise[p]) for p in signal}

@@ -1,0 +1,101 @@
+"""The full-integer TFLite emitter: ai-edge-quantizer packs the simulation's own scales; the
+model has int8 NHWC input and output, no float op left, and LiteRT reproduces the simulation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from test_quant_core import _trained_like
+
+from effdeploy.errors import EffdeployError
+from effdeploy.quant.emit_tflite import emit_tflite, inspect_tflite, litert_layer_snr, run_all_tensors
+from effdeploy.quant.sim import QuantSim
+from effdeploy.runtime import load_backend
+
+
+@pytest.fixture(scope="module")
+def calibrated() -> dict:
+    torch.manual_seed(0)
+    model = _trained_like({"variant": "b0", "width_mult": 0.25, "depth_mult": 0.5, "resolution": 32, "num_classes": 10})
+    x = torch.randn(24, 3, 32, 32)
+    return {"model": model, "x": x}
+
+
+@pytest.mark.parametrize("wb", [8, 4])
+def test_tflite_carries_simulation_scales(calibrated: dict, tmp_path, wb: int) -> None:
+    x = calibrated["x"]
+    sim = QuantSim(calibrated["model"], weight_bits=wb, act_bits=8)
+    sim.calibrate([x[:16]])
+    path = tmp_path / "q.tflite"
+    info = emit_tflite(sim, path, x[:16].numpy())
+    assert path.is_file() and not list(tmp_path.glob("*.float*"))  # nothing half-written left
+    assert info["input"] == {"shape": [1, 32, 32, 3], "dtype": "int8"}
+    assert info["output"] == {"shape": [1, 10], "dtype": "int8"}
+    assert info["float_ops"] == []
+    assert {"CONV_2D", "DEPTHWISE_CONV_2D", "LOGISTIC", "MUL", "MEAN", "FULLY_CONNECTED"} <= set(info["ops"])
+    assert "TRANSPOSE" not in info["ops"]
+    assert bool(info["notes"]) == (wb == 4)  # int4 depthwise is stored in int8, and said so
+    mapped = set(info["tensor_map"].values())
+    # every point has its tensor, except pools over a 1x1 map, which TFLite drops (identity)
+    assert all(p.endswith("pool") for p in set(sim.points) - mapped), set(sim.points) - mapped
+    # every mapped tensor has exactly the simulation's scale and zero-point
+    it, _ = run_all_tensors(path, np.transpose(x[:2].numpy(), (0, 2, 3, 1)))
+    details = {d["name"]: d for d in it.get_tensor_details()}
+    for name, point in info["tensor_map"].items():
+        scale, zero = details[name]["quantization"]
+        qp = sim.points[point].qparams
+        assert scale == pytest.approx(qp.scale, rel=1e-5) and zero == qp.zero_point, point
+    # LiteRT reproduces the simulation tensor by tensor: the input exactly, the first conv to
+    # within one step (integer requantization can round a tie the other way); a random net
+    # amplifies such flips downstream, so the end-to-end contract is checked on trained models
+    held = x[16:].numpy()
+    _, q_tensors = run_all_tensors(path, np.transpose(held, (0, 2, 3, 1)))
+    _, caps = sim.run_capture(torch.from_numpy(held), quantized=True)
+    by_point = {p: n for n, p in info["tensor_map"].items()}
+    for point in ("input", "stem.conv"):
+        ref = caps[point].permute(0, 2, 3, 1).numpy()
+        steps = np.abs(q_tensors[by_point[point]] - ref) / sim.points[point].qparams.scale
+        assert steps.max() <= (0 if point == "input" else 1.001) and np.mean(steps > 0.25) < 0.05, point
+    out = load_backend("litert", path).run(held)
+    assert out.shape == (8, 10) and np.isfinite(out).all()
+    layers = litert_layer_snr(path, info["tensor_map"], sim, [torch.from_numpy(held)])
+    assert layers["input"] > 35 and len(layers) == len(mapped)
+
+
+def test_tflite_weights_are_the_simulation_grid(calibrated: dict, tmp_path) -> None:
+    """min-max weight quantization recovers the simulation's per-channel grid exactly."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    sim = QuantSim(calibrated["model"], weight_bits=8, act_bits=8)
+    sim.calibrate([calibrated["x"][:8]])
+    path = tmp_path / "q.tflite"
+    emit_tflite(sim, path, calibrated["x"][:8].numpy())
+    it = Interpreter(str(path))
+    it.allocate_tensors()
+    fc = [d for d in it.get_tensor_details() if d["name"].endswith("Linear_classifier;1")]
+    assert len(fc) == 1
+    scales = fc[0]["quantization_parameters"]["scales"]
+    q = it.get_tensor(fc[0]["index"]).astype(np.float64) * scales[:, None]
+    np.testing.assert_allclose(q, sim.weights["classifier"].quantized().numpy(), rtol=1e-5, atol=1e-7)
+
+
+def test_tflite_refuses_non_int8_activations(calibrated: dict, tmp_path) -> None:
+    sim = QuantSim(calibrated["model"], weight_bits=4, act_bits=4)
+    sim.calibrate([calibrated["x"][:8]])
+    with pytest.raises(EffdeployError, match="8-bit activations"):
+        emit_tflite(sim, tmp_path / "q.tflite", calibrated["x"][:8].numpy())
+    assert not (tmp_path / "q.tflite").exists()
+
+
+def test_inspect_reports_float_ops(tmp_path) -> None:
+    """A float model is reported as such (the check that guards full-integer output)."""
+    from effdeploy.export.tflite import export_tflite
+    from effdeploy.model.efficientnet import build_model
+
+    path = export_tflite(
+        build_model({"variant": "b0", "width_mult": 0.25, "depth_mult": 0.25, "resolution": 32}).eval(),
+        tmp_path / "f.tflite",
+    )
+    info = inspect_tflite(path)
+    assert info["input"]["dtype"] == "float32" and "CONV_2D" in info["float_ops"]

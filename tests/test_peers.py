@@ -1,0 +1,40 @@
+"""The peers (onnxruntime quantize_static, ai-edge-quantizer) run on the same model and images
+and are measured like ours."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from test_quant_core import _trained_like
+
+from effdeploy.quant.peers import peers_for, run_peers
+
+
+def test_peers_for_precisions() -> None:
+    names = [p.name for p in peers_for(8, 8)]
+    assert names == ["ort-minmax", "ort-minmax-default-session", "ort-percentile", "ort-entropy", "aeq-static"]
+    assert [p.name for p in peers_for(4, 8)] == names
+    assert peers_for(4, 4) == [] and peers_for(6, 8) == []  # no peer expresses these
+
+
+def test_run_peers_measures_each(tiny_config: dict, tmp_path) -> None:
+    torch.manual_seed(0)
+    model = _trained_like(tiny_config)
+    cal = torch.randn(16, 3, 32, 32).numpy()
+    held = torch.randn(12, 3, 32, 32).numpy()
+    labels = np.arange(12) % 10
+    with torch.no_grad():
+        float_logits = model(torch.from_numpy(held)).numpy()
+    messages: list[str] = []
+    rows = run_peers(model, cal, held, labels, float_logits, 8, 8, tmp_path, log=messages.append)
+    assert [r["peer"] for r in rows] == [p.name for p in peers_for(8, 8)]
+    assert all("error" not in r for r in rows), rows
+    for r in rows:
+        assert (tmp_path / r["file"]).is_file() and r["bytes"] > 0
+        assert 0 <= r["agreement"] <= 1 and np.isfinite(r["output_snr_db"])
+    sessions = {r["peer"]: r["session_options"] for r in rows}
+    assert sessions["ort-minmax"]["session.x64quantprecision"] == 1
+    assert sessions["ort-minmax-default-session"]["session.x64quantprecision"] == 0
+    # the default-session row reuses the MinMax model: same file, only the session differs
+    assert rows[0]["file"] == rows[1]["file"]
+    assert rows[-1]["file"].endswith(".tflite") and len(messages) == len(rows)
