@@ -112,9 +112,7 @@ def calib_info(path: Annotated[Path, typer.Argument(help="calibration set file")
 
 @app.command("import-weights")
 def import_weights(
-    weights: Annotated[
-        Path | None, typer.Argument(help="torchvision / timm / efficientnet_pytorch state dict")
-    ] = None,
+    weights: Annotated[Path | None, typer.Argument(help="torchvision / timm / efficientnet_pytorch state dict")] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="effdeploy checkpoint to write (.safetensors)")] = Path(
         "model.safetensors"
     ),

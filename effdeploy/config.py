@@ -248,8 +248,10 @@ class QuantConfig(_Strict):
     se_placement: SePlacement | None = None
     calibration: Path = Path("calibration/cifar10_train_512_seed0.safetensors")
     calibration_images: int | None = Field(None, ge=1)  # None: the whole set
-    observer: Literal["minmax", "percentile", "mse", "entropy"] = "mse"  # activation ranges
-    weight_observer: Literal["minmax", "mse"] = "mse"
+    # activation ranges; auto: percentile at 8+ bits, MSE-optimal clipping below
+    observer: Literal["auto", "minmax", "percentile", "mse", "entropy"] = "auto"
+    # weight clipping per channel; auto: min-max at 8 bits, MSE-optimal below
+    weight_observer: Literal["auto", "minmax", "mse"] = "auto"
     bias_correction: bool = True
     adaround: Literal["auto", "on", "off"] = "auto"  # auto: on when weights have fewer than 8 bits
     adaround_iters: int = Field(1000, ge=1)

@@ -234,3 +234,36 @@ def _toposort(nodes, available: set[str]):
             raise EffdeployError(f"ONNX emitter: graph has a cycle or a missing input near {rest[0].name!r}")
         pending = rest
     return ordered
+
+
+def onnxruntime_layer_snr(path: str | Path, sim: QuantSim, batches) -> dict[str, float]:
+    """Per point SNR (dB) of onnxruntime's dequantized tensors against the float network.
+
+    Each point's DequantizeLinear output is exposed as a graph output. A graph output cannot be
+    fused into an integer kernel, so these per-layer numbers come from onnxruntime's unfused
+    QDQ path (the output SNR in the report comes from the model as shipped)."""
+    import onnx
+    import onnxruntime as ort
+
+    from effdeploy.metrics import snr_from_sums
+
+    model = onnx.load(str(path))
+    names = {n.output[0]: n.name for n in model.graph.node if n.op_type == "DequantizeLinear"}
+    exposed = {f"{_key(p)}_dq": p for p in sim.points if f"{_key(p)}_dq" in names}
+    for tensor in exposed:
+        model.graph.output.append(onnx.helper.make_tensor_value_info(tensor, onnx.TensorProto.FLOAT, None))
+    opts = ort.SessionOptions()
+    opts.add_session_config_entry("session.x64quantprecision", "1")
+    session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    out_names = [o.name for o in session.get_outputs()]
+    signal: dict[str, float] = {}
+    noise: dict[str, float] = {}
+    for x in batches:
+        _, ref = sim.run_capture(x, quantized=False)
+        values = dict(zip(out_names, session.run(None, {"images": x.numpy()}), strict=True))
+        for tensor, point in exposed.items():
+            r = ref[point].numpy().astype(np.float64)
+            q = values[tensor].astype(np.float64).reshape(r.shape)
+            signal[point] = signal.get(point, 0.0) + float((r * r).sum())
+            noise[point] = noise.get(point, 0.0) + float(((q - r) ** 2).sum())
+    return {p: snr_from_sums(signal[p], noise[p]) for p in signal}

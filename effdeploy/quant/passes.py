@@ -24,13 +24,20 @@ from effdeploy.quant.fakequant import weight_qmax
 from effdeploy.quant.sim import QuantSim, WeightLayer
 
 
-class _Capture:
-    """Forward hooks, run before the quantizer hooks, that record a module's input and output."""
+class _StopForward(Exception):
+    """Raised by a capture that has what it needs: the rest of the network need not run."""
 
-    def __init__(self, module: torch.nn.Module, keep_input: bool = False, keep_output: bool = True) -> None:
+
+class _Capture:
+    """Forward hooks, run before the quantizer hooks, that record a module's input and output
+    (and, with ``stop``, end the forward pass there)."""
+
+    def __init__(
+        self, module: torch.nn.Module, keep_input: bool = False, keep_output: bool = True, stop: bool = False
+    ) -> None:
         self.inputs: list[torch.Tensor] = []
         self.outputs: list[torch.Tensor] = []
-        self.keep_input, self.keep_output = keep_input, keep_output
+        self.keep_input, self.keep_output, self.stop = keep_input, keep_output, stop
         self.handle = module.register_forward_hook(self._hook, prepend=True)
 
     def _hook(self, module, args, output):
@@ -38,6 +45,8 @@ class _Capture:
             self.inputs.append(args[0].detach())
         if self.keep_output:
             self.outputs.append(output.detach())
+        if self.stop:
+            raise _StopForward
 
     def remove(self) -> None:
         self.handle.remove()
@@ -49,7 +58,7 @@ def _channel_mean(t: torch.Tensor) -> torch.Tensor:
 
 def _layer_io(sim: QuantSim, module: torch.nn.Module, batches, *, quantized: bool, inputs: bool = False):
     """A layer's inputs (or outputs) over ``batches``, in the quantized or the float network."""
-    cap = _Capture(module, keep_input=inputs, keep_output=not inputs)
+    cap = _Capture(module, keep_input=inputs, keep_output=not inputs, stop=True)
     try:
         _run(sim, batches, quantized=quantized)
     finally:
@@ -61,7 +70,10 @@ def _layer_io(sim: QuantSim, module: torch.nn.Module, batches, *, quantized: boo
 def _run(sim: QuantSim, batches, quantized: bool) -> None:
     with sim.running(quantized):
         for x in batches:
-            sim.model(x)
+            try:
+                sim.model(x)
+            except _StopForward:
+                pass
 
 
 @torch.no_grad()

@@ -3,8 +3,10 @@ images -> report.json + SNR-per-block PNG.
 
 For every precision two methods are measured side by side on the same calibration set:
 ``minmax`` (min-max ranges, round-to-nearest: the field's baseline) and ``ours`` (the configured
-observers, AdaRound when weights have fewer than 8 bits, bias correction). Everything here runs
-in the simulation, the reference every runtime artifact is checked against.
+observers, AdaRound when weights have fewer than 8 bits, bias correction). Both run in the
+simulation, the reference every runtime artifact is checked against. Ours is then emitted as an
+ONNX QDQ model (onnxruntime) and a full-integer TFLite model (LiteRT), each run on the same
+held-out images; the peers (``peers.py``) quantize the same float model with their own tools.
 """
 
 from __future__ import annotations
@@ -121,7 +123,16 @@ def quantize_run(run: RunConfig, out_dir: str | Path, *, log=print) -> dict:
             artifacts = {}
             if method.name == "ours":
                 artifacts = runtime_artifacts(
-                    sim, q.runtimes, out_dir, precision, cal.inputs(pre), held_x, logits, float_logits, snr_batches
+                    sim,
+                    q.runtimes,
+                    out_dir,
+                    precision,
+                    cal.inputs(pre),
+                    held_x,
+                    held.labels,
+                    logits,
+                    float_logits,
+                    snr_batches,
                 )
             ranked = sorted(((v, k) for k, v in layers.items()), key=lambda t: t[0])
             top1 = topk_accuracy(logits, held.labels, 1)
@@ -191,6 +202,7 @@ def runtime_artifacts(
     precision: str,
     calibration: np.ndarray,
     held_x: np.ndarray,
+    labels: np.ndarray,
     sim_logits: np.ndarray,
     float_logits: np.ndarray,
     snr_batches: list[torch.Tensor],
@@ -201,15 +213,18 @@ def runtime_artifacts(
     from effdeploy.runtime.base import run_batched
 
     out: dict[str, dict] = {}
+    logits: dict[str, np.ndarray] = {}
     if "onnxruntime" in runtimes:
-        from effdeploy.quant.emit_onnx import emit_qdq_onnx
+        from effdeploy.quant.emit_onnx import emit_qdq_onnx, onnxruntime_layer_snr
 
         path = out_dir / f"model_{precision}.onnx"
         emit_qdq_onnx(sim, path)
         backend = load_backend("onnxruntime", path)
         info = {"file": path.name, "bytes": path.stat().st_size, "runtime": "onnxruntime"}
         info["session_options"] = backend.session_options
-        out["onnx_qdq"] = _compare(info, run_batched(backend, held_x, 256), sim_logits, float_logits)
+        logits["onnx_qdq"] = run_batched(backend, held_x, 256)
+        out["onnx_qdq"] = _compare(info, logits["onnx_qdq"], labels, sim_logits, float_logits)
+        out["onnx_qdq"]["layer_snr_db"] = onnxruntime_layer_snr(path, sim, snr_batches)
     if "litert" in runtimes:
         from effdeploy.quant.emit_tflite import emit_tflite, litert_layer_snr
 
@@ -221,16 +236,23 @@ def runtime_artifacts(
             return out
         tensor_map = info.pop("tensor_map")
         info.update(runtime="litert", session_options={"delegate": "XNNPACK (LiteRT default, CPU)"})
-        out["tflite_int8"] = _compare(
-            info, run_batched(load_backend("litert", path), held_x, 256), sim_logits, float_logits
-        )
+        logits["tflite_int8"] = run_batched(load_backend("litert", path), held_x, 256)
+        out["tflite_int8"] = _compare(info, logits["tflite_int8"], labels, sim_logits, float_logits)
         out["tflite_int8"]["layer_snr_db"] = litert_layer_snr(path, tensor_map, sim, snr_batches)
+    if len(logits) == 2:
+        # how well two integer runtimes of the same configuration agree with each other: the
+        # yardstick for their agreement with the simulation (a one-step rounding difference
+        # anywhere in 16 blocks moves a few borderline images, whoever does the rounding)
+        a, b = logits.values()
+        out["tflite_int8"]["agreement_with_onnxruntime"] = top1_agreement(a, b)
+        out["tflite_int8"]["snr_vs_onnxruntime_db"] = snr_db(a, b)
     return out
 
 
-def _compare(info: dict, out: np.ndarray, sim_logits: np.ndarray, float_logits: np.ndarray) -> dict:
+def _compare(info: dict, out: np.ndarray, labels: np.ndarray, sim_logits: np.ndarray, float_logits: np.ndarray) -> dict:
     return {
         **info,
+        "top1": topk_accuracy(out, labels, 1),
         "agreement_with_simulation": top1_agreement(sim_logits, out),
         "snr_vs_simulation_db": snr_db(sim_logits, out),
         "output_snr_db": snr_db(float_logits, out),

@@ -274,7 +274,9 @@ class QuantSim:
         for w in self.weights.values():
             w.qweight = None
             w.bias_delta = None
-            clip = mse_weight_clip(w.float_weight, w.bits) if weight_observer == "mse" else None
+            # "auto": min-max at 8 bits (the grid is fine enough), MSE-optimal clipping below
+            use_mse = weight_observer == "mse" or (weight_observer == "auto" and w.bits < 8)
+            clip = mse_weight_clip(w.float_weight, w.bits) if use_mse else None
             w.scales = weight_scales(w.float_weight, w.bits, clip)
 
     @torch.no_grad()
