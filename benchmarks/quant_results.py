@@ -83,7 +83,9 @@ def main() -> None:
         lines += [
             f"## {name} (se_placement={report['se_placement']})",
             "",
-            f"Float top-1 {_pct(f['top1'])} on {held['images']} held-out images ({held['data']}); calibration: "
+            f"Float top-1 {_pct(f['top1'])} on {held['images']} "
+            f"{'images, the calibration images themselves' if held.get('same_as_calibration') else 'held-out images'}"
+            f" ({held['data']}); calibration: "
             f"{report['calibration']['images']} images from `{report['calibration']['file']}`.",
             "",
             "| model | precision | pipeline | top-1 | vs float | agreement | output SNR "

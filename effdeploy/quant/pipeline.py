@@ -99,9 +99,12 @@ def quantize_run(run: RunConfig, out_dir: str | Path, *, log=print) -> dict:
     snr_idx = np.linspace(0, len(held) - 1, min(q.snr_images, len(held))).round().astype(int)
     snr_batches = _batches(held_x[snr_idx], 64)
     float_params = sum(p.numel() for p in model.parameters())
+    # where no other images exist (Lite0 here), the measurement set is the calibration set: say so
+    same = Path(eval_source).resolve() == Path(q.calibration).resolve()
+    kind = "images (the calibration images themselves)" if same else "held-out images"
     log(
         f"{run.name}: se_placement={model.config.se_placement}, float top-1 {100 * float_top1:.2f}% on "
-        f"{len(held)} held-out images ({eval_source}); calibration: {len(cal)} images from {q.calibration}"
+        f"{len(held)} {kind} ({eval_source}); calibration: {len(cal)} images from {q.calibration}"
     )
 
     results = []
@@ -179,7 +182,12 @@ def quantize_run(run: RunConfig, out_dir: str | Path, *, log=print) -> dict:
         "se_placement": model.config.se_placement,
         "reorder": reorder_report,
         "float": {"top1": float_top1, "top5": topk_accuracy(float_logits, held.labels, 5), "bytes": 4 * float_params},
-        "held_out": {"data": str(eval_source), "images": len(held), "snr_images": len(snr_idx)},
+        "held_out": {
+            "data": str(eval_source),
+            "images": len(held),
+            "snr_images": len(snr_idx),
+            "same_as_calibration": same,
+        },
         "calibration": {"file": str(q.calibration), "images": len(cal)},
         "config": json.loads(q.model_dump_json()),
         "snr_definition": "10*log10(sum(ref^2) / sum((q - ref)^2)) in dB, ref = float (BN-folded) network",

@@ -263,9 +263,13 @@ class QuantSim:
 
     def set_ranges(self, observer: str) -> None:
         fn = get_observer(observer)
+        exact = get_observer("minmax")
         for p in self.points.values():
             if p.fixed is None:
-                lo, hi = fn(p.stats, p.bits)
+                # "auto" never clips the input (its range is the pixel range, which min-max keeps
+                # on a lossless grid) or the logits (their extremes are the predictions)
+                use = exact if observer == "auto" and p.kind in ("input", "logits") else fn
+                lo, hi = use(p.stats, p.bits)
                 p.qparams = act_qparams(lo, hi, p.bits)
             else:
                 p.qparams = p.fixed
