@@ -56,6 +56,54 @@ def rows_for(report: dict) -> list[str]:
     return lines
 
 
+def _same(report: dict) -> bool:
+    """Whether the measurement images are the calibration images (reports before this flag existed
+    are judged by their paths)."""
+    held = report["held_out"]
+    if "same_as_calibration" in held:
+        return bool(held["same_as_calibration"])
+    return Path(held["data"]).resolve() == Path(report["calibration"]["file"]).resolve()
+
+
+def _cell(delta: float, snr: float, extra: str = "") -> str:
+    return f"{100 * delta:+.2f} / {snr:.2f} dB{extra}"
+
+
+def headline_rows(report: dict) -> list[str]:
+    """One row per precision: change in top-1 vs float / output SNR, for the baseline, ours
+    (simulation and each runtime, with its top-1 agreement with the simulation) and the best
+    peer by output SNR."""
+    f = report["float"]["top1"]
+    lines = []
+    for precision in dict.fromkeys(r["precision"] for r in report["results"]):
+        rows = {r["method"]["name"]: r for r in report["results"] if r["precision"] == precision}
+        base, ours = rows.get("minmax"), rows.get("ours")
+        cells = [report["name"], precision, _pct(f)]
+        cells.append(_cell(base["top1_delta"], base["output_snr_db"]) if base else "")
+        cells.append(_cell(ours["top1_delta"], ours["output_snr_db"]) if ours else "")
+        for key in ("onnx_qdq", "tflite_int8"):
+            a = (ours or {}).get("artifacts", {}).get(key)
+            if a is None or "skipped" in a:
+                cells.append("n/a" if a is None else "no int4-activation kernel")
+            else:
+                cells.append(_cell(a["top1"] - f, a["output_snr_db"], f" ({_pct(a['agreement_with_simulation'])})"))
+        peers = [p for p in report.get("peers", []) if p["precision"] == precision and "error" not in p]
+        if peers:
+            best = max(peers, key=lambda p: p["output_snr_db"])
+            cells.append(_cell(best["top1_delta"], best["output_snr_db"], f" {best['peer']}"))
+        else:
+            cells.append("none for this precision")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+HEADLINE_HEADER = [
+    "| model | precision | float top-1 | min-max (sim) | ours (sim) | ours, onnxruntime (agreement w/ sim) "
+    "| ours, LiteRT int8 (agreement w/ sim) | best peer |",
+    "|---|---|---:|---:|---:|---:|---:|---:|",
+]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("runs", nargs="+", type=Path, help="quantize output directories (with report.json)")
@@ -84,7 +132,7 @@ def main() -> None:
             f"## {name} (se_placement={report['se_placement']})",
             "",
             f"Float top-1 {_pct(f['top1'])} on {held['images']} "
-            f"{'images, the calibration images themselves' if held.get('same_as_calibration') else 'held-out images'}"
+            f"{'images, the calibration images themselves' if _same(report) else 'held-out images'}"
             f" ({held['data']}); calibration: "
             f"{report['calibration']['images']} images from `{report['calibration']['file']}`.",
             "",
@@ -94,7 +142,12 @@ def main() -> None:
             *rows_for(report),
             "",
         ]
+    headline = list(HEADLINE_HEADER)
+    for run in args.runs:
+        headline += headline_rows(json.loads((run / "report.json").read_text()))
+    lines[7:7] = ["Each cell: change in top-1 vs float / output SNR.", "", *headline, ""]
     (args.out / args.summary).write_text("\n".join(lines) + "\n")
+    print("\n".join(headline))
     print(f"wrote {args.out / args.summary}")
 
 
