@@ -23,6 +23,24 @@ def snr_from_sums(signal: float, noise: float) -> float:
     return 10.0 * float(np.log10(signal / noise))
 
 
+class SnrAccumulator:
+    """SNR per name over many batches: sums of ref^2 and (test - ref)^2, then one snr_from_sums.
+    Serves the per-layer SNR of the simulation and of every runtime alike."""
+
+    def __init__(self) -> None:
+        self.signal: dict[str, float] = {}
+        self.noise: dict[str, float] = {}
+
+    def add(self, name: str, reference, test) -> None:
+        ref = np.asarray(reference, dtype=np.float64)
+        err = np.asarray(test, dtype=np.float64).reshape(ref.shape) - ref
+        self.signal[name] = self.signal.get(name, 0.0) + float(np.sum(ref * ref))
+        self.noise[name] = self.noise.get(name, 0.0) + float(np.sum(err * err))
+
+    def result(self) -> dict[str, float]:
+        return {n: snr_from_sums(self.signal[n], self.noise[n]) for n in self.signal}
+
+
 def linear_snr_to_db(ratio: float) -> float:
     """ai-edge-quantizer's validator reports SNR as a linear power ratio; convert to dB."""
     return 10.0 * float(np.log10(ratio))

@@ -217,3 +217,19 @@ def test_sim_converges_to_float_and_degrades_with_fewer_bits(tiny_config: dict) 
     # a random net amplifies each layer's noise by ~20 dB (measured: W8A8 9 dB, W12A12 31 dB,
     # W16A16 55 dB here), yet more bits must keep converging towards float
     assert snr[12] > snr[8] + 10 and snr[16] > snr[12] + 10 and snr[16] > 45
+
+
+def test_snr_accumulator_matches_snr_db_over_batches() -> None:
+    """Streaming sums over batches give exactly the SNR of the concatenated tensors."""
+    from effdeploy.metrics import SnrAccumulator, snr_db
+
+    rng = np.random.default_rng(0)
+    ref = [rng.normal(size=(4, 3, 5, 5)) for _ in range(3)]
+    test = [r + rng.normal(scale=0.1, size=r.shape) for r in ref]
+    acc = SnrAccumulator()
+    for r, t in zip(ref, test, strict=True):
+        acc.add("x", r, t.reshape(4, -1))  # a runtime's layout may be flat: same numbers count
+    expected = snr_db(np.concatenate(ref), np.concatenate(test))
+    assert acc.result()["x"] == pytest.approx(expected, abs=1e-9)
+    acc.add("same", ref[0], ref[0])
+    assert acc.result()["same"] == float("inf")

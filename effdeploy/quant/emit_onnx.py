@@ -245,7 +245,7 @@ def onnxruntime_layer_snr(path: str | Path, sim: QuantSim, batches) -> dict[str,
     import onnx
     import onnxruntime as ort
 
-    from effdeploy.metrics import snr_from_sums
+    from effdeploy.metrics import SnrAccumulator
 
     model = onnx.load(str(path))
     names = {n.output[0]: n.name for n in model.graph.node if n.op_type == "DequantizeLinear"}
@@ -256,14 +256,10 @@ def onnxruntime_layer_snr(path: str | Path, sim: QuantSim, batches) -> dict[str,
     opts.add_session_config_entry("session.x64quantprecision", "1")
     session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     out_names = [o.name for o in session.get_outputs()]
-    signal: dict[str, float] = {}
-    noise: dict[str, float] = {}
+    acc = SnrAccumulator()
     for x in batches:
         _, ref = sim.run_capture(x, quantized=False)
         values = dict(zip(out_names, session.run(None, {"images": x.numpy()}), strict=True))
         for tensor, point in exposed.items():
-            r = ref[point].numpy().astype(np.float64)
-            q = values[tensor].astype(np.float64).reshape(r.shape)
-            signal[point] = signal.get(point, 0.0) + float((r * r).sum())
-            noise[point] = noise.get(point, 0.0) + float(((q - r) ** 2).sum())
-    return {p: snr_from_sums(signal[p], noise[p]) for p in signal}
+            acc.add(point, ref[point].numpy(), values[tensor])
+    return acc.result()

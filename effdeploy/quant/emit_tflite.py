@@ -262,10 +262,9 @@ def inspect_tflite(path: str | Path) -> dict:
 
 def litert_layer_snr(path: str | Path, tensor_map: dict[str, str], sim: QuantSim, batches: list[torch.Tensor]) -> dict:
     """Per point SNR (dB) of the LiteRT int8 tensors against the float network, same images."""
-    from effdeploy.metrics import snr_from_sums
+    from effdeploy.metrics import SnrAccumulator
 
-    signal: dict[str, float] = {}
-    noise: dict[str, float] = {}
+    acc = SnrAccumulator()
     for x in batches:
         _, ref = sim.run_capture(x, quantized=False)
         _, values = run_all_tensors(path, np.transpose(x.numpy(), (0, 2, 3, 1)))
@@ -274,8 +273,5 @@ def litert_layer_snr(path: str | Path, tensor_map: dict[str, str], sim: QuantSim
             if name not in values or point in seen:
                 continue  # one tensor per point (a RESHAPE can repeat its input's numbers)
             seen.add(point)
-            r = _nhwc(ref[point]).astype(np.float64)
-            q = values[name].astype(np.float64).reshape(r.shape)
-            signal[point] = signal.get(point, 0.0) + float((r * r).sum())
-            noise[point] = noise.get(point, 0.0) + float(((q - r) ** 2).sum())
-    return {p: snr_from_sums(signal[p], noise[p]) for p in signal}
+            acc.add(point, _nhwc(ref[point]), values[name])
+    return acc.result()

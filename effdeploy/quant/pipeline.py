@@ -21,7 +21,7 @@ import torch
 
 from effdeploy.config import RunConfig, parse_precision
 from effdeploy.errors import EffdeployError
-from effdeploy.metrics import snr_db, snr_from_sums, top1_agreement, topk_accuracy
+from effdeploy.metrics import SnrAccumulator, snr_db, top1_agreement, topk_accuracy
 from effdeploy.quant.sim import QuantSim
 
 
@@ -272,16 +272,13 @@ def _compare(info: dict, out: np.ndarray, labels: np.ndarray, sim_logits: np.nda
 @torch.no_grad()
 def layer_snr(sim: QuantSim, batches: list[torch.Tensor]) -> dict[str, float]:
     """SNR in dB of every quantization point, quantized network vs float network, same inputs."""
-    signal: dict[str, float] = {}
-    noise: dict[str, float] = {}
+    acc = SnrAccumulator()
     for x in batches:
         _, fq = sim.run_capture(x, quantized=False)
         _, qq = sim.run_capture(x, quantized=True)
         for name, ref in fq.items():
-            r = ref.double()
-            signal[name] = signal.get(name, 0.0) + float((r * r).sum())
-            noise[name] = noise.get(name, 0.0) + float(((qq[name].double() - r) ** 2).sum())
-    return {n: snr_from_sums(signal[n], noise[n]) for n in signal}
+            acc.add(name, ref.numpy(), qq[name].numpy())
+    return acc.result()
 
 
 def weight_bytes(sim: QuantSim) -> int:
