@@ -120,8 +120,10 @@ def main() -> None:
         "(onnxruntime, LiteRT) run our artifacts; peer rows run the other tools' artifacts.",
         "",
     ]
+    headline = list(HEADLINE_HEADER)
     for run in args.runs:
         report = json.loads((run / "report.json").read_text())
+        headline += headline_rows(report)
         name = report["name"]
         shutil.copyfile(run / "report.json", args.out / f"quant_{name}.json")
         if (run / "snr_per_block.png").exists():
@@ -142,9 +144,6 @@ def main() -> None:
             *rows_for(report),
             "",
         ]
-    headline = list(HEADLINE_HEADER)
-    for run in args.runs:
-        headline += headline_rows(json.loads((run / "report.json").read_text()))
     lines[7:7] = ["Each cell: change in top-1 vs float / output SNR.", "", *headline, ""]
     (args.out / args.summary).write_text("\n".join(lines) + "\n")
     print("\n".join(headline))

@@ -40,22 +40,15 @@ def emit_qdq_onnx(sim: QuantSim, path: str | Path) -> Path:
 
     path = Path(path)
     res = sim.config.resolution
-    prev_mode = sim.mode
-    sim.detach_hooks()
-    try:
-        sim.set_weights(quantized=True)  # grid-valued weights, corrected biases
-        with atomic_path(path) as tmp:
-            torch_to_onnx(sim.model.eval(), tmp, opset=DEFAULT_OPSET, resolution=res, name=path)
-            model = onnx.load(str(tmp))
-            tensor_of = point_tensors(model, sim)  # before conversion: it drops node metadata
-            model = onnx.version_converter.convert_version(model, OPSET)  # INT4 needs opset 21
-            _insert_qdq(model, sim, tensor_of)
-            onnx.checker.check_model(model, full_check=True)
-            onnx.save(model, str(tmp))
-    finally:
-        sim.attach_hooks()
-        sim.mode = prev_mode
-        sim.set_weights(quantized=prev_mode == "quant")
+    with atomic_path(path) as tmp:
+        with sim.plain_graph() as graph:
+            torch_to_onnx(graph, tmp, opset=DEFAULT_OPSET, resolution=res, name=path)
+        model = onnx.load(str(tmp))
+        tensor_of = point_tensors(model, sim)  # before conversion: it drops node metadata
+        model = onnx.version_converter.convert_version(model, OPSET)  # INT4 needs opset 21
+        _insert_qdq(model, sim, tensor_of)
+        onnx.checker.check_model(model, full_check=True)
+        onnx.save(model, str(tmp))
     return path
 
 

@@ -39,6 +39,7 @@ import torch
 from effdeploy.errors import EffdeployError
 from effdeploy.fileio import atomic_write_bytes
 from effdeploy.quant.sim import QuantSim
+from effdeploy.runtime.litert_backend import dequantize_output, quantize_input
 
 MATCH_TOLERANCE = 1e-4  # max |tflite - torch| / max |torch| for "the same tensor"
 
@@ -75,12 +76,7 @@ def run_all_tensors(model, x_nhwc: np.ndarray) -> tuple[object, dict[str, np.nda
     inp = it.get_input_details()[0]
     it.resize_tensor_input(inp["index"], list(x_nhwc.shape))
     it.allocate_tensors()
-    x = x_nhwc.astype(np.float32)
-    if inp["dtype"] != np.float32:
-        scale, zero = inp["quantization"]
-        info = np.iinfo(inp["dtype"])
-        x = np.clip(np.round(x / scale + zero), info.min, info.max).astype(inp["dtype"])
-    it.set_tensor(inp["index"], x)
+    it.set_tensor(inp["index"], quantize_input(x_nhwc, inp))
     it.invoke()
     values = {}
     for d in it.get_tensor_details():
@@ -90,10 +86,9 @@ def run_all_tensors(model, x_nhwc: np.ndarray) -> tuple[object, dict[str, np.nda
             continue
         if t.shape and t.shape[0] == len(x_nhwc) and t.dtype in (np.int8, np.int16, np.float32):
             if t.dtype != np.float32:
-                scale, zero = d["quantization"]
-                if not scale:
+                if not d["quantization"][0]:
                     continue
-                t = (t.astype(np.float32) - zero) * scale
+                t = dequantize_output(t, d)
             values[d["name"]] = t
     return it, values
 
@@ -120,20 +115,6 @@ def match_points(tensors: dict[str, np.ndarray], captures: dict[str, np.ndarray]
                 mapping[name] = point
                 break
     return mapping
-
-
-@contextlib.contextmanager
-def _plain_graph(sim: QuantSim):
-    """The simulation's model with grid weights and no hooks (what gets converted)."""
-    prev = sim.mode
-    sim.detach_hooks()
-    sim.set_weights(quantized=True)
-    try:
-        yield sim.model.eval()
-    finally:
-        sim.attach_hooks()
-        sim.mode = prev
-        sim.set_weights(quantized=prev == "quant")
 
 
 def _weight_captures(sim: QuantSim, x: np.ndarray) -> dict[str, np.ndarray]:
@@ -174,7 +155,7 @@ def emit_tflite(sim: QuantSim, path: str | Path, calibration: np.ndarray, *, mat
 
     with tempfile.TemporaryDirectory(prefix="effdeploy-tflite-") as tmp:
         float_path = Path(tmp) / "float.tflite"
-        with _plain_graph(sim) as graph:
+        with sim.plain_graph() as graph:
             export_tflite(graph, float_path)
         x_match = calibration[:match_images]
         _, float_tensors = run_all_tensors(float_path, np.transpose(x_match, (0, 2, 3, 1)))

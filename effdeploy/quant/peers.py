@@ -77,8 +77,6 @@ def ort_quantize(
     float_path = work / "float.onnx"
     if not float_path.exists():
         torch_to_onnx(model, float_path, opset=21, resolution=model.config.resolution, name=dest)
-    calib = {"MinMax": CalibrationMethod.MinMax, "Percentile": CalibrationMethod.Percentile}
-    calib["Entropy"] = CalibrationMethod.Entropy
     try:
         quantize_static(
             str(float_path),
@@ -88,7 +86,7 @@ def ort_quantize(
             per_channel=True,
             activation_type=QuantType.QInt8,
             weight_type=QuantType.QInt4 if weight_bits == 4 else QuantType.QInt8,
-            calibrate_method=calib[method],
+            calibrate_method=CalibrationMethod[method],  # MinMax | Percentile | Entropy
         )
     except Exception as err:
         raise EffdeployError(f"{dest}: onnxruntime quantize_static failed ({str(err).splitlines()[0][:200]})") from None

@@ -87,7 +87,8 @@ def quantize_run(run: RunConfig, out_dir: str | Path, *, log=print) -> dict:
     pre = model.config.preprocess
 
     cal = load_images(q.calibration, pre, n=q.calibration_images)
-    cal_batches = _batches(cal.inputs(pre), 64)
+    cal_x = cal.inputs(pre)
+    cal_batches = _batches(cal_x, 64)
     eval_source = q.eval_data or run.data.test
     if eval_source is None:
         raise EffdeployError("quant.eval_data (or data.test) is needed: held-out images to measure on")
@@ -130,7 +131,7 @@ def quantize_run(run: RunConfig, out_dir: str | Path, *, log=print) -> dict:
                     q.runtimes,
                     out_dir,
                     precision,
-                    cal.inputs(pre),
+                    cal_x,
                     held_x,
                     held.labels,
                     logits,
@@ -174,7 +175,7 @@ def quantize_run(run: RunConfig, out_dir: str | Path, *, log=print) -> dict:
         if q.peers:
             from effdeploy.quant.peers import run_peers
 
-            peers.extend(run_peers(model, cal.inputs(pre), held_x, held.labels, float_logits, wb, ab, out_dir, log=log))
+            peers.extend(run_peers(model, cal_x, held_x, held.labels, float_logits, wb, ab, out_dir, log=log))
 
     report = {
         "name": run.name,

@@ -311,6 +311,20 @@ class QuantSim:
             self.mode = prev
             self.set_weights(quantized=prev == "quant")
 
+    @contextlib.contextmanager
+    def plain_graph(self):
+        """The BN-folded model with grid weights (and corrected biases) and no quantizer hooks:
+        what the emitters hand to the exporters. Hooks, mode and weights are restored after."""
+        prev = self.mode
+        self.detach_hooks()
+        self.set_weights(quantized=True)
+        try:
+            yield self.model.eval()
+        finally:
+            self.attach_hooks()
+            self.mode = prev
+            self.set_weights(quantized=prev == "quant")
+
     @torch.no_grad()
     def run_capture(self, x: torch.Tensor, quantized: bool = True) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Logits and every quantization point's tensor, quantized or in float (same graph)."""

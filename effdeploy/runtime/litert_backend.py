@@ -21,6 +21,25 @@ def _interpreter_cls():
     return Interpreter
 
 
+def quantize_input(x: np.ndarray, detail: dict) -> np.ndarray:
+    """Float input in the tensor's own type: a full-integer model's input is quantized with its
+    own scale and zero-point (round half to even, as the simulation rounds)."""
+    x = np.asarray(x, dtype=np.float32)
+    if detail["dtype"] == np.float32:
+        return x
+    scale, zero = detail["quantization"]
+    info = np.iinfo(detail["dtype"])
+    return np.clip(np.round(x / scale + zero), info.min, info.max).astype(detail["dtype"])
+
+
+def dequantize_output(y: np.ndarray, detail: dict) -> np.ndarray:
+    """A tensor as float32, dequantized with its own scale and zero-point if it is an integer."""
+    if y.dtype == np.float32:
+        return y
+    scale, zero = detail["quantization"]
+    return ((y.astype(np.float32) - zero) * scale).astype(np.float32)
+
+
 class LiteRTBackend:
     name = "litert"
 
@@ -53,17 +72,9 @@ class LiteRTBackend:
         self._prepare(len(x))
         inp = self.interpreter.get_input_details()[0]
         out = self.interpreter.get_output_details()[0]
-        if inp["dtype"] != np.float32:  # full-integer model: quantize the input with its own scale
-            scale, zero = inp["quantization"]
-            info = np.iinfo(inp["dtype"])
-            x = np.clip(np.round(x / scale + zero), info.min, info.max).astype(inp["dtype"])
-        self.interpreter.set_tensor(inp["index"], x)
+        self.interpreter.set_tensor(inp["index"], quantize_input(x, inp))
         self.interpreter.invoke()
-        y = self.interpreter.get_tensor(out["index"])
-        if out["dtype"] != np.float32:
-            scale, zero = out["quantization"]
-            y = (y.astype(np.float32) - zero) * scale
-        return y.astype(np.float32)
+        return dequantize_output(self.interpreter.get_tensor(out["index"]), out)
 
 
 register("litert")(LiteRTBackend)
