@@ -63,3 +63,26 @@ def test_qdq_model_reproduces_every_simulated_tensor(tiny_config: dict, tmp_path
         assert np.mean(diff[name] > 0.25) < 0.05
     assert diff["input"].max() == 0
     assert diff["stem.conv"].max() <= 1.001
+
+
+def test_tf_same_padding_keeps_the_conv_integer(tiny_config: dict, tmp_path) -> None:
+    """TF 'SAME' padding (asymmetric) does not break a conv out of its integer group: every conv
+    reads a dequantized tensor (the exporter folds the pad into the conv, or the Pad carries its
+    input's Q/DQ) and has an int32 bias; the model as shipped matches the simulation."""
+    model = _trained_like({**tiny_config, "padding": "same"})
+    x = torch.randn(8, 3, 32, 32)
+    sim = QuantSim(model, weight_bits=8, act_bits=8)
+    sim.calibrate([x])
+    path = emit_qdq_onnx(sim, tmp_path / "q.onnx")
+    graph = onnx.load(str(path)).graph
+    producer = {o: n for n in graph.node for o in n.output}
+    convs = [n for n in graph.node if n.op_type == "Conv"]
+    for conv in convs:
+        assert producer[conv.input[0]].op_type == "DequantizeLinear", conv.name
+    pads = [list(a.ints) for n in convs for a in n.attribute if a.name == "pads"]
+    assert any(p[0] != p[2] or p[1] != p[3] for p in pads) or any(n.op_type == "Pad" for n in graph.node)
+    assert all(len(n.input) < 3 or not n.input[2] or n.input[2].endswith("_bdq") for n in convs)
+    s = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    logits = s.run(None, {"images": x.numpy()})[0]
+    step = sim.points["classifier"].qparams.scale
+    assert np.abs(logits - sim(x).numpy()).max() <= 2 * step + 1e-6

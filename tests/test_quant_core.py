@@ -233,3 +233,40 @@ def test_snr_accumulator_matches_snr_db_over_batches() -> None:
     assert acc.result()["x"] == pytest.approx(expected, abs=1e-9)
     acc.add("same", ref[0], ref[0])
     assert acc.result()["same"] == float("inf")
+
+
+@pytest.mark.parametrize(("placement", "padding"), [("after", "symmetric"), ("before", "same"), ("none", "same")])
+def test_every_layer_reads_a_quantization_point(tiny_config: dict, placement: str, padding: str) -> None:
+    """Each conv / linear layer knows the point it reads (through TF 'SAME' padding too): its scale
+    fixes the int32 bias grid the runtimes use."""
+    model = _trained_like({**tiny_config, "padding": padding}, placement)
+    sim = QuantSim(model)
+    inputs = {n: w.input_point for n, w in sim.weights.items()}
+    assert all(p is not None for p in inputs.values()), inputs
+    assert inputs["stem.conv"] == "input"
+    assert inputs["classifier"] == "pool"
+    if placement != "none":
+        se = next(n.removesuffix(".reduce") for n in inputs if n.endswith("se.reduce"))
+        assert inputs[f"{se}.reduce"] == f"{se}.pool"
+        assert inputs[f"{se}.expand"] == f"{se}.act"
+
+
+def test_quantized_biases_lie_on_the_int32_grid(tiny_config: dict) -> None:
+    """In quantized mode a bias is an integer multiple of input scale x weight scale (what
+    onnxruntime and TFLite store), and the float bias comes back in float mode."""
+    model = _trained_like(tiny_config)
+    x = torch.randn(16, 3, 32, 32)
+    sim = QuantSim(model, weight_bits=8, act_bits=8)
+    sim.calibrate([x])
+    checked = 0
+    for w in sim.weights.values():
+        if w.float_bias is None:
+            continue
+        grid = sim.points[w.input_point].qparams.scale * w.scales.double()
+        steps = w.module.bias.detach().double() / grid
+        assert torch.allclose(steps, steps.round(), atol=1e-3)
+        assert (w.module.bias.detach() - w.float_bias).abs().le(0.5 * grid + 1e-6).all()
+        checked += 1
+    assert checked > 5
+    with sim.running(quantized=False):
+        assert all(torch.equal(w.module.bias, w.float_bias) for w in sim.weights.values() if w.float_bias is not None)

@@ -128,14 +128,15 @@ def _insert_qdq(model, sim: QuantSim, tensor_of: dict[str, str]) -> None:
         for i, inp in enumerate(n.input):
             if inp in rename:
                 n.input[i] = rename[inp]
-    # shape-only ops (the Reshape before the classifier) keep their input's quantization: give
-    # their output the same Q/DQ pair, as onnxruntime's own quantizer does, so no runtime has to
-    # propagate it
+    # shape-only ops (the Reshape before the classifier) and zero padding (TF 'SAME' on strided
+    # convs: zero is on every grid) keep their input's quantization: give their output the same
+    # Q/DQ pair, as onnxruntime's own quantizer does, so the conv after a Pad reads a dequantized
+    # tensor (integer kernel, int32 bias) and no runtime has to propagate anything
     zp_of = {}
     for name, tensor in tensor_of.items():
         zp_of[rename[tensor]] = _key(name)
     for n in nodes:
-        if n.op_type in ("Reshape", "Flatten", "Squeeze", "Unsqueeze") and n.input[0] in dq_scale:
+        if n.op_type in ("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Pad") and n.input[0] in dq_scale:
             key = zp_of[n.input[0]]
             out = n.output[0]
             n.output[0] = f"{out}_float"

@@ -32,6 +32,7 @@ from effdeploy.quant.fakequant import (
     ActQParams,
     act_qparams,
     fake_quant_act,
+    fake_quant_bias,
     fake_quant_weight,
     fixed_unit_qparams,
     mse_weight_clip,
@@ -96,6 +97,8 @@ class WeightLayer:
     float_bias: torch.Tensor | None = None
     # bias correction's shift, added to the bias in quantized mode only
     bias_delta: torch.Tensor | None = None
+    # the activation point this layer reads: its scale times the weight scales is the bias grid
+    input_point: str | None = None
 
     def quantized(self) -> torch.Tensor:
         if self.qweight is not None:
@@ -195,6 +198,7 @@ class QuantSim:
         self._capture: dict[str, torch.Tensor] | None = None
         self._handles = []
         self.attach_hooks()
+        self._find_layer_inputs()
 
     def attach_hooks(self) -> None:
         """Install the quantizer hooks (done at construction)."""
@@ -213,6 +217,35 @@ class QuantSim:
         self._handles = []
 
     # ------------------------------------------------------------------ structure
+    @torch.no_grad()
+    def _find_layer_inputs(self) -> None:
+        """Which activation point each weight layer reads, found by running one image and matching
+        storage: a conv inside ConvNormAct is watched at the block's input (before TF 'SAME'
+        padding, which keeps the quantization), any other layer at its own input (the classifier's
+        flatten is a view of ``pool``)."""
+        modules = dict(self.model.named_modules())
+        seen: dict[str, int] = {}
+        handles = []
+        for path in self.weights:
+            parent = path.rsplit(".", 1)[0] if "." in path else ""
+            watched = modules[parent] if isinstance(modules.get(parent), ConvNormAct) else modules[path]
+
+            def pre(module, args, path=path):
+                seen[path] = args[0].data_ptr()
+
+            handles.append(watched.register_forward_pre_hook(pre))
+        res = self.config.resolution
+        prev_mode, self.mode, self._capture = self.mode, "float", {}
+        try:
+            self.model(torch.zeros(1, 3, res, res))
+            ptr_to_point = {t.data_ptr(): name for name, t in self._capture.items()}
+        finally:
+            self.mode, self._capture = prev_mode, None
+            for h in handles:
+                h.remove()
+        for path, w in self.weights.items():
+            w.input_point = ptr_to_point.get(seen.get(path, -1))
+
     def _add_point(self, mod_path: str, name: str, kind: str, bits: int) -> None:
         fixed = fixed_unit_qparams(bits) if kind == "sigmoid" else None
         self.points[name] = ActPoint(name, kind, bits, fixed=fixed)
@@ -292,7 +325,18 @@ class QuantSim:
                 w.module.weight.copy_(w.float_weight)
             if w.float_bias is not None:
                 delta = w.bias_delta if quantized and w.bias_delta is not None else 0.0
-                w.module.bias.copy_(w.float_bias + delta)
+                bias = w.float_bias + delta
+                in_qp = self._input_qparams(w) if quantized and w.scales is not None else None
+                if in_qp is not None:
+                    # int32 on the grid input scale x weight scale, as both runtimes store it
+                    bias = fake_quant_bias(bias, in_qp.scale, w.scales)
+                w.module.bias.copy_(bias)
+
+    def _input_qparams(self, w: WeightLayer) -> ActQParams | None:
+        if w.input_point is None:
+            return None
+        p = self.points[w.input_point]
+        return p.fixed or p.qparams
 
     # ------------------------------------------------------------------ running
     @torch.no_grad()
