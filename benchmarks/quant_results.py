@@ -13,6 +13,15 @@ import json
 import shutil
 from pathlib import Path
 
+from effdeploy.report import method_label
+
+
+def run_name(report: dict) -> str:
+    """The model name, with the optional passes of its "ours" rows (so that two runs of one config,
+    with and without range search, are two files)."""
+    ours = [r["method"] for r in report["results"] if r["method"]["name"] == "ours"]
+    return report["name"] + ("_range_search" if any(m.get("range_search") for m in ours) else "")
+
 
 def _pct(v: float) -> str:
     return f"{100 * v:.2f}%"
@@ -21,10 +30,10 @@ def _pct(v: float) -> str:
 def rows_for(report: dict) -> list[str]:
     f = report["float"]["top1"]
     lines = []
-    name = report["name"]
+    name = run_name(report)
     for r in report["results"]:
         m = r["method"]
-        label = "min-max, nearest (baseline)" if m["name"] == "minmax" else "ours (simulation)"
+        label = "min-max, nearest (baseline)" if m["name"] == "minmax" else f"{method_label(m)} (simulation)"
         worst = ", ".join(f"{w['name'].removeprefix('blocks.')} {w['snr_db']:.1f}" for w in r["worst_layers"])
         lines.append(
             f"| {name} | {r['precision']} | {label} | {_pct(r['top1'])} | {100 * r['top1_delta']:+.2f} | "
@@ -78,7 +87,7 @@ def headline_rows(report: dict) -> list[str]:
     for precision in dict.fromkeys(r["precision"] for r in report["results"]):
         rows = {r["method"]["name"]: r for r in report["results"] if r["precision"] == precision}
         base, ours = rows.get("minmax"), rows.get("ours")
-        cells = [report["name"], precision, _pct(f)]
+        cells = [run_name(report), precision, _pct(f)]
         cells.append(_cell(base["top1_delta"], base["output_snr_db"]) if base else "")
         cells.append(_cell(ours["top1_delta"], ours["output_snr_db"]) if ours else "")
         for key in ("onnx_qdq", "tflite_int8"):
@@ -124,7 +133,7 @@ def main() -> None:
     for run in args.runs:
         report = json.loads((run / "report.json").read_text())
         headline += headline_rows(report)
-        name = report["name"]
+        name = run_name(report)
         shutil.copyfile(run / "report.json", args.out / f"quant_{name}.json")
         if (run / "snr_per_block.png").exists():
             shutil.copyfile(run / "snr_per_block.png", args.out / f"quant_{name}.png")

@@ -283,6 +283,10 @@ def quantize(
     se_placement: Annotated[str | None, Placement] = None,
     eval_images: Annotated[int | None, typer.Option(help="held-out images to measure on (default all)")] = None,
     adaround_iters: Annotated[int | None, typer.Option(help="AdaRound iterations per layer")] = None,
+    range_search: Annotated[
+        bool | None,
+        typer.Option("--range-search/--no-range-search", help="output-aware narrowing of heavy-tailed ranges"),
+    ] = None,
 ) -> None:
     """Post-training quantization (int8/int4) with calibration data; layer-by-layer SNR."""
     from effdeploy import report
@@ -296,6 +300,7 @@ def quantize(
         se_placement=se_placement,
         eval_images=eval_images,
         adaround_iters=adaround_iters,
+        range_search=range_search,
     )
     if updates:
         run = run.model_copy(update={"quant": parse(QuantConfig, {**run.quant.model_dump(), **updates}, "options")})

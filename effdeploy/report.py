@@ -103,6 +103,11 @@ def json_safe(obj):
     return obj
 
 
+def method_label(method: dict) -> str:
+    """``ours``, with the optional passes it ran named (range search is off by default)."""
+    return method["name"] + (" + range search" if method.get("range_search") else "")
+
+
 def print_quant(report: dict) -> None:
     """The quantize table: one row per precision and method, beside float."""
     from rich.table import Table
@@ -120,7 +125,7 @@ def print_quant(report: dict) -> None:
         worst = ", ".join(f"{w['name'].removeprefix('blocks.')} {w['snr_db']:.1f}" for w in r["worst_layers"])
         t.add_row(
             r["precision"],
-            r["method"]["name"],
+            method_label(r["method"]),
             f"{100 * r['top1']:.2f}%",
             f"{100 * r['top1_delta']:+.2f}",
             f"{100 * r['agreement']:.2f}%",

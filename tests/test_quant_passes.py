@@ -9,7 +9,7 @@ from test_quant_core import _trained_like
 
 from effdeploy.metrics import snr_db
 from effdeploy.quant.fakequant import weight_qmax
-from effdeploy.quant.passes import _Capture, _channel_mean, _run, adaround, bias_correction
+from effdeploy.quant.passes import _Capture, _channel_mean, _run, adaround, bias_correction, range_search
 from effdeploy.quant.sim import QuantSim
 
 
@@ -76,3 +76,33 @@ def test_bias_correction_matches_float_channel_means(setup) -> None:
     q, _ = sim.run_capture(x, quantized=True)
     assert any(w.bias_delta is not None and w.bias_delta.abs().max() > 0 for w in sim.weights.values())
     assert snr_db(ref, q.numpy()) < 100
+
+
+def test_range_search_narrows_heavy_tails_and_never_hurts(tiny_config: dict) -> None:
+    """With one extreme image in the calibration set, the search narrows some of the ranges it
+    stretched, only ever narrower, only on heavy-tailed points, and the objective never rises."""
+    model = _trained_like(tiny_config)
+    torch.manual_seed(0)
+    x = torch.randn(32, 3, 32, 32)
+    x[0] *= 25.0  # the outlier image
+    sim = QuantSim(model, weight_bits=8, act_bits=6)
+    sim.calibrate([x], observer="minmax")
+    before = {n: (p.qparams.lo, p.qparams.hi) for n, p in sim.points.items()}
+    baseline = range_search(sim, [x], factors=())
+    assert baseline["changed"] == {} and baseline["candidates"] > 0
+    result = range_search(sim, [x], factors=(0.5, 0.25), rounds=1)
+    assert result["objective"] <= baseline["objective"]
+    assert result["changed"], "an outlier-stretched range should have been narrowed"
+    for name, change in result["changed"].items():
+        lo, hi = before[name]
+        new_lo, new_hi = change["to"]
+        assert sim.points[name].kind not in ("input", "logits", "sigmoid")
+        assert lo - 1e-6 <= new_lo <= 0 <= new_hi <= hi + 1e-6 and (new_hi - new_lo) < (hi - lo)
+    untouched = set(sim.points) - set(result["changed"])
+    assert all((sim.points[n].qparams.lo, sim.points[n].qparams.hi) == before[n] for n in untouched)
+    # the bias grids follow the new input scales
+    for w in sim.weights.values():
+        if w.float_bias is not None:
+            grid = sim.points[w.input_point].qparams.scale * w.scales.double()
+            steps = w.module.bias.detach().double() / grid
+            assert torch.allclose(steps, steps.round(), atol=1e-3)

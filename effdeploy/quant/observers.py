@@ -78,7 +78,8 @@ def minmax(stats: TensorStats, bits: int) -> tuple[float, float]:
     return stats.lo, stats.hi
 
 
-def _quantile(stats: TensorStats, q: float) -> float:
+def quantile(stats: TensorStats, q: float) -> float:
+    """The q-quantile (0..1) of the calibration histogram, to one bin."""
     cdf = np.cumsum(stats.hist)
     cdf /= cdf[-1]
     idx = int(np.searchsorted(cdf, q))
@@ -90,8 +91,8 @@ def _quantile(stats: TensorStats, q: float) -> float:
 def percentile(stats: TensorStats, bits: int, pct: float = 99.99) -> tuple[float, float]:
     """Clip the outer (100 - pct)% of values on each side that has any."""
     tail = (100.0 - pct) / 100.0
-    lo = _quantile(stats, tail) if stats.lo < 0 else 0.0
-    hi = _quantile(stats, 1.0 - tail) if stats.hi > 0 else 0.0
+    lo = quantile(stats, tail) if stats.lo < 0 else 0.0
+    hi = quantile(stats, 1.0 - tail) if stats.hi > 0 else 0.0
     return min(lo, 0.0), max(hi, 0.0)
 
 

@@ -32,6 +32,7 @@ class Method:
     weight_observer: str
     adaround: bool
     bias_correction: bool
+    range_search: bool = False
 
 
 def methods_for(run: RunConfig, weight_bits: int) -> list[Method]:
@@ -39,7 +40,14 @@ def methods_for(run: RunConfig, weight_bits: int) -> list[Method]:
     use_ada = q.adaround == "on" or (q.adaround == "auto" and weight_bits < 8)
     return [
         Method("minmax", "minmax", "minmax", adaround=False, bias_correction=False),
-        Method("ours", q.observer, q.weight_observer, adaround=use_ada, bias_correction=q.bias_correction),
+        Method(
+            "ours",
+            q.observer,
+            q.weight_observer,
+            adaround=use_ada,
+            bias_correction=q.bias_correction,
+            range_search=q.range_search,
+        ),
     ]
 
 
@@ -76,7 +84,7 @@ def quantize_run(run: RunConfig, out_dir: str | Path, *, log=print) -> dict:
     from effdeploy.data.datasets import load_images
     from effdeploy.fileio import atomic_write_text
     from effdeploy.model.checkpoints import load_checkpoint
-    from effdeploy.quant.passes import adaround, bias_correction
+    from effdeploy.quant.passes import adaround, bias_correction, range_search
 
     q = run.quant
     out_dir = Path(out_dir)
@@ -118,6 +126,7 @@ def quantize_run(run: RunConfig, out_dir: str | Path, *, log=print) -> dict:
             t0 = time.perf_counter()
             sim = QuantSim(model, weight_bits=wb, act_bits=ab, weight_overrides=overrides_w, act_overrides=overrides_a)
             sim.calibrate(cal_batches, observer=method.observer, weight_observer=method.weight_observer)
+            searched = range_search(sim, cal_batches) if method.range_search else None
             ada = adaround(sim, cal_batches, iters=q.adaround_iters) if method.adaround else None
             if method.bias_correction:
                 bias_correction(sim, cal_batches)
@@ -153,6 +162,7 @@ def quantize_run(run: RunConfig, out_dir: str | Path, *, log=print) -> dict:
                 "block_snr_db": {n: layers[n] for n in block_output_points(sim)},
                 "weight_bytes": weight_bytes(sim),
                 "adaround": ada,
+                "range_search": searched,
                 "artifacts": artifacts,
                 "ranges": sim.ranges(),
                 "seconds": round(time.perf_counter() - t0, 1),
