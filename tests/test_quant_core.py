@@ -270,3 +270,20 @@ def test_quantized_biases_lie_on_the_int32_grid(tiny_config: dict) -> None:
     assert checked > 5
     with sim.running(quantized=False):
         assert all(torch.equal(w.module.bias, w.float_bias) for w in sim.weights.values() if w.float_bias is not None)
+
+
+def test_dead_channel_keeps_its_bias_on_the_int32_grid(tiny_config: dict) -> None:
+    """A channel with all-zero weights and a bias (a constant output, common in TF-trained
+    weights) keeps that bias: its weight scale is floored so the bias fits the int32 grid."""
+    model = _trained_like(tiny_config)
+    x = torch.randn(16, 3, 32, 32)
+    sim = QuantSim(model, weight_bits=8, act_bits=8)
+    name = next(n for n, w in sim.weights.items() if w.kind == "pointwise" and w.float_bias is not None)
+    w = sim.weights[name]
+    w.float_weight[0].zero_()
+    w.float_bias[0] = 3.0
+    sim.calibrate([x])
+    assert torch.all(w.quantized()[0] == 0)
+    grid = sim.points[w.input_point].qparams.scale * w.scales.double()
+    assert abs(3.0 / grid[0].item()) <= 2**24 + 1
+    assert w.module.bias[0].item() == pytest.approx(3.0, rel=1e-6)

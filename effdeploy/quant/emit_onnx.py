@@ -187,7 +187,7 @@ def _insert_qdq(model, sim: QuantSim, tensor_of: dict[str, str]) -> None:
             b_init = init_by_name[n.input[2]]
             b = numpy_helper.to_array(b_init).astype(np.float64)
             b_scale = dq_scale[n.input[0]] * scales
-            bq = np.rint(b / b_scale).astype(np.int32)
+            bq = np.clip(np.rint(b / b_scale), -(2**31 - 1), 2**31 - 1).astype(np.int32)  # as the simulation
             inits.append(numpy_helper.from_array(bq, f"{key}_bq"))
             inits.append(numpy_helper.from_array(b_scale.astype(np.float32), f"{key}_bscale"))
             inits.append(numpy_helper.from_array(np.zeros(len(bq), np.int32), f"{key}_bzero"))

@@ -71,11 +71,14 @@ def fake_quant_weight(w: torch.Tensor, scales: torch.Tensor, bits: int) -> torch
     return torch.clamp(torch.round(w / s), -qmax, qmax) * s
 
 
+INT32_MAX = 2**31 - 1
+
+
 def fake_quant_bias(b: torch.Tensor, input_scale: float, weight_scales: torch.Tensor) -> torch.Tensor:
     """A bias on the int32 grid ``input_scale * weight_scale`` (per output channel), dequantized the
     way a runtime does it: int32 value times the float32 scale."""
     grid = float(input_scale) * weight_scales.detach().double()
-    q = torch.round(b.detach().double() / grid)
+    q = torch.round(b.detach().double() / grid).clamp(-INT32_MAX, INT32_MAX)
     return (q.float() * grid.float()).to(b.dtype)
 
 

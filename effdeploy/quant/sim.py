@@ -55,6 +55,7 @@ class SiLUParts(nn.Module):
 
 
 FUSED_ACTS = (nn.ReLU, nn.ReLU6)
+BIAS_MAX_STEPS = 2**24
 
 
 @dataclass
@@ -315,6 +316,13 @@ class QuantSim:
             use_mse = weight_observer == "mse" or (weight_observer == "auto" and w.bits < 8)
             clip = mse_weight_clip(w.float_weight, w.bits) if use_mse else None
             w.scales = weight_scales(w.float_weight, w.bits, clip)
+            # a channel with (near-)zero weights but a bias (a constant output) would put that
+            # bias out of int32 reach on the input x weight grid: floor its scale so the bias
+            # needs at most 2^24 steps (its zero weights stay exactly zero)
+            in_qp = self._input_qparams(w)
+            if in_qp is not None and w.float_bias is not None:
+                floor = w.float_bias.abs() / (in_qp.scale * BIAS_MAX_STEPS)
+                w.scales = torch.maximum(w.scales, floor.to(w.scales.dtype))
 
     @torch.no_grad()
     def set_weights(self, quantized: bool) -> None:
