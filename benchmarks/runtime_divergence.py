@@ -30,13 +30,10 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = ap.parse_args()
 
-    import onnx
-    import onnxruntime as ort
-
     from effdeploy.config import load_run_config
     from effdeploy.data.datasets import load_images
     from effdeploy.model.checkpoints import load_checkpoint
-    from effdeploy.quant.emit_onnx import _key, emit_qdq_onnx
+    from effdeploy.quant.emit_onnx import emit_qdq_onnx, run_points
     from effdeploy.quant.emit_tflite import _nhwc, emit_tflite, run_all_tensors
     from effdeploy.quant.sim import QuantSim
 
@@ -51,16 +48,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         onnx_path = emit_qdq_onnx(sim, Path(tmp) / "q.onnx")
-        m = onnx.load(str(onnx_path))
-        dq = {n.output[0] for n in m.graph.node if n.op_type == "DequantizeLinear"}
-        exposed = {f"{_key(p)}_dq": p for p in sim.points if f"{_key(p)}_dq" in dq}
-        for t in exposed:
-            m.graph.output.append(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None))
-        opts = ort.SessionOptions()
-        opts.add_session_config_entry("session.x64quantprecision", "1")
-        s = ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-        ort_vals = dict(zip([o.name for o in s.get_outputs()], s.run(None, {"images": held}), strict=True))
-        ort_of = {p: ort_vals[t] for t, p in exposed.items()}
+        ort_of = run_points(onnx_path, sim)(held)
         info = emit_tflite(sim, Path(tmp) / "q.tflite", cal[:64])
         _, tfl_vals = run_all_tensors(Path(tmp) / "q.tflite", np.transpose(held, (0, 2, 3, 1)))
         tfl_of = {}

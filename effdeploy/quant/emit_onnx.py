@@ -21,6 +21,7 @@ import numpy as np
 from effdeploy.errors import EffdeployError
 from effdeploy.export.onnx import DEFAULT_OPSET, torch_to_onnx
 from effdeploy.fileio import atomic_path
+from effdeploy.quant.fakequant import INT32_MAX
 from effdeploy.quant.sim import QuantSim
 
 OPSET = 21
@@ -187,7 +188,7 @@ def _insert_qdq(model, sim: QuantSim, tensor_of: dict[str, str]) -> None:
             b_init = init_by_name[n.input[2]]
             b = numpy_helper.to_array(b_init).astype(np.float64)
             b_scale = dq_scale[n.input[0]] * scales
-            bq = np.clip(np.rint(b / b_scale), -(2**31 - 1), 2**31 - 1).astype(np.int32)  # as the simulation
+            bq = np.clip(np.rint(b / b_scale), -INT32_MAX, INT32_MAX).astype(np.int32)  # as the simulation
             inits.append(numpy_helper.from_array(bq, f"{key}_bq"))
             inits.append(numpy_helper.from_array(b_scale.astype(np.float32), f"{key}_bscale"))
             inits.append(numpy_helper.from_array(np.zeros(len(bq), np.int32), f"{key}_bzero"))
@@ -230,19 +231,16 @@ def _toposort(nodes, available: set[str]):
     return ordered
 
 
-def onnxruntime_layer_snr(path: str | Path, sim: QuantSim, batches) -> dict[str, float]:
-    """Per point SNR (dB) of onnxruntime's dequantized tensors against the float network.
+def run_points(path: str | Path, sim: QuantSim):
+    """A function x -> {point: onnxruntime's dequantized tensor} for the QDQ model at ``path``.
 
     Each point's DequantizeLinear output is exposed as a graph output. A graph output cannot be
-    fused into an integer kernel, so these per-layer numbers come from onnxruntime's unfused
-    QDQ path (the output SNR in the report comes from the model as shipped)."""
+    fused into an integer kernel, so these tensors come from onnxruntime's unfused QDQ path."""
     import onnx
     import onnxruntime as ort
 
-    from effdeploy.metrics import SnrAccumulator
-
     model = onnx.load(str(path))
-    names = {n.output[0]: n.name for n in model.graph.node if n.op_type == "DequantizeLinear"}
+    names = {n.output[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
     exposed = {f"{_key(p)}_dq": p for p in sim.points if f"{_key(p)}_dq" in names}
     for tensor in exposed:
         model.graph.output.append(onnx.helper.make_tensor_value_info(tensor, onnx.TensorProto.FLOAT, None))
@@ -250,10 +248,24 @@ def onnxruntime_layer_snr(path: str | Path, sim: QuantSim, batches) -> dict[str,
     opts.add_session_config_entry("session.x64quantprecision", "1")
     session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     out_names = [o.name for o in session.get_outputs()]
+
+    def run(x: np.ndarray) -> dict[str, np.ndarray]:
+        values = dict(zip(out_names, session.run(None, {"images": x}), strict=True))
+        return {point: values[tensor] for tensor, point in exposed.items()}
+
+    return run
+
+
+def onnxruntime_layer_snr(path: str | Path, sim: QuantSim, batches) -> dict[str, float]:
+    """Per point SNR (dB) of onnxruntime's dequantized tensors against the float network (from
+    the unfused QDQ path, see ``run_points``; the report's output SNR comes from the model as
+    shipped)."""
+    from effdeploy.metrics import SnrAccumulator
+
+    run = run_points(path, sim)
     acc = SnrAccumulator()
     for x in batches:
         _, ref = sim.run_capture(x, quantized=False)
-        values = dict(zip(out_names, session.run(None, {"images": x.numpy()}), strict=True))
-        for tensor, point in exposed.items():
-            acc.add(point, ref[point].numpy(), values[tensor])
+        for point, value in run(x.numpy()).items():
+            acc.add(point, ref[point].numpy(), value)
     return acc.result()

@@ -227,7 +227,8 @@ def range_search(
     max_images: int = 256,
 ) -> dict[str, dict]:
     """Narrow the ranges of heavy-tailed activation points where that reproduces the float logits
-    better; returns {point: {"from": [lo, hi], "to": [lo, hi]}} for the points it changed.
+    better. Returns the number of candidate points, the final objective and, for each point it
+    changed, ``{"from": [lo, hi], "to": [lo, hi]}``.
 
     The objective is the mean over images of |q - f|^2 / |f|^2 on the logits, so that the few
     images with extreme activations count as much as any other, not more. ``rounds`` sweeps let a
