@@ -285,7 +285,7 @@ def quantize(
     adaround_iters: Annotated[int | None, typer.Option(help="AdaRound iterations per layer")] = None,
     range_search: Annotated[
         bool | None,
-        typer.Option("--range-search/--no-range-search", help="output-aware narrowing of heavy-tailed ranges"),
+        typer.Option("--range-search/--no-range-search", help="output-aware activation ranges (narrow or widen)"),
     ] = None,
 ) -> None:
     """Post-training quantization (int8/int4) with calibration data; layer-by-layer SNR."""

@@ -253,7 +253,7 @@ class QuantConfig(_Strict):
     # weight clipping per channel; auto: min-max at 8 bits, MSE-optimal below
     weight_observer: Literal["auto", "minmax", "mse"] = "auto"
     bias_correction: bool = True
-    # output-aware narrowing of heavy-tailed activation ranges (quant/passes.py: range_search)
+    # output-aware activation ranges: narrow heavy tails, widen clipped ones (quant/passes.py: range_search)
     range_search: bool = False
     adaround: Literal["auto", "on", "off"] = "auto"  # auto: on when weights have fewer than 8 bits
     adaround_iters: int = Field(1000, ge=1)

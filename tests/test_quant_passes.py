@@ -8,7 +8,7 @@ import torch
 from test_quant_core import _trained_like
 
 from effdeploy.metrics import snr_db
-from effdeploy.quant.fakequant import weight_qmax
+from effdeploy.quant.fakequant import act_qparams, weight_qmax
 from effdeploy.quant.passes import _Capture, _channel_mean, _run, adaround, bias_correction, range_search
 from effdeploy.quant.sim import QuantSim
 
@@ -106,3 +106,47 @@ def test_range_search_narrows_heavy_tails_and_never_hurts(tiny_config: dict) -> 
             grid = sim.points[w.input_point].qparams.scale * w.scales.double()
             steps = w.module.bias.detach().double() / grid
             assert torch.allclose(steps, steps.round(), atol=1e-3)
+
+
+def test_range_search_widens_clipped_ranges_toward_minmax(tiny_config: dict) -> None:
+    """A range clipped to a tiny percentile of a sparse tensor (a value that a few images carry
+    and the logits need) is widened, never beyond the observed min-max, and the objective never
+    rises."""
+    model = _trained_like(tiny_config)
+    torch.manual_seed(0)
+    x = torch.randn(32, 3, 32, 32)
+    sim = QuantSim(model, weight_bits=8, act_bits=8)
+    sim.calibrate([x], observer="minmax")
+    # clip one projection far inside what it carries, as a percentile does on a sparse tensor
+    name = "blocks.block1a.project.conv"
+    p = sim.points[name]
+    p.qparams = act_qparams(p.stats.lo * 0.02, p.stats.hi * 0.02, p.bits)
+    clipped = (p.qparams.lo, p.qparams.hi)
+    sim.set_weights(quantized=True)
+    baseline = range_search(sim, [x], factors=(), widen=())
+    assert baseline["changed"] == {} and baseline["candidates"] >= 1
+    result = range_search(sim, [x], factors=(), widen=(0.5, 1.0), rounds=1)
+    assert result["objective"] < baseline["objective"]
+    assert name in result["changed"]
+    lo, hi = result["changed"][name]["to"]
+    step = p.qparams.scale  # the zero-point is rounded to an integer: the edges move by < 1 step
+    assert p.stats.lo - step <= lo <= clipped[0] and clipped[1] <= hi <= p.stats.hi + step
+    assert hi - lo > clipped[1] - clipped[0]
+
+
+def test_adaround_batch_shrinks_with_output_pixels(setup) -> None:
+    """A step reconstructs about ``positions`` output pixels: fewer images for large maps."""
+    model, batches, _, _ = setup
+    sim = QuantSim(model, weight_bits=4, act_bits=8)
+    sim.calibrate(batches)
+    report = adaround(sim, batches, iters=2, positions=64)
+    for name, stats in report.items():
+        module = sim.weights[name].module
+        if isinstance(module, torch.nn.Linear):
+            assert stats["batch"] == 32
+            continue
+        cap = _Capture(module)
+        _run(sim, [batches[0][:1]], quantized=False)
+        cap.remove()
+        pixels = cap.outputs[0].shape[2] * cap.outputs[0].shape[3]
+        assert stats["batch"] == min(32, -(-64 // pixels)), name

@@ -12,16 +12,19 @@ adaround -- AdaRound (Nagel et al., "Up or Down? Adaptive Rounding for Post-Trai
     are compensated) against the float network's output.
 range_search -- output-aware activation ranges: where a tensor's calibration range is set by a
     few extreme values (its 99.9th percentile lies under half its range), narrower ranges are
-    tried one tensor at a time, in network order, and the one that best reproduces the float
-    network's logits on calibration images is kept. A per-tensor observer cannot know whether
-    the extremes matter downstream (an SE gate saturates; a projection feeding the head does
-    not); the network's output can.
+    tried; where the range clips values the calibration images did carry (a percentile cuts off
+    the rare large values of a sparse tensor), wider ones, up to the observed min-max. One tensor
+    at a time, in network order, the range that best reproduces the float network's logits on
+    calibration images is kept. A per-tensor observer cannot know whether the extremes matter
+    downstream (an SE gate saturates; a projection feeding the head does not; a gate that opens
+    for a few images carries their whole signal); the network's output can.
 """
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch.nn import functional as F
 
@@ -125,14 +128,21 @@ def adaround_layer(
     *,
     iters: int = 1000,
     batch_size: int = 32,
+    positions: int = 8192,
     lr: float = 1e-2,
     reg_weight: float = 0.01,
     warmup: float = 0.2,
     beta: tuple[float, float] = (20.0, 2.0),
     seed: int = 0,
 ) -> tuple[torch.Tensor, dict]:
-    """Learn the rounding of one layer's weights; returns the fake-quantized weight and stats."""
+    """Learn the rounding of one layer's weights; returns the fake-quantized weight and stats.
+
+    A step uses ``batch_size`` samples, fewer where each one already has more than ``positions``
+    output pixels: at 224 px an early layer has 12,544 per image, and one image is as many
+    reconstruction targets as 32 CIFAR images (the step then costs the same at any resolution)."""
     fn = _layer_fn(w)
+    per_sample = int(np.prod(targets.shape[2:])) if targets.ndim > 2 else 1
+    batch_size = max(1, min(batch_size, math.ceil(positions / per_sample)))
     s = w.scales.reshape((-1,) + (1,) * (w.float_weight.ndim - 1))
     qmax = weight_qmax(w.bits)
     scaled = w.float_weight / s
@@ -170,7 +180,7 @@ def adaround_layer(
         result = qweight(hard=True)
         err = float(F.mse_loss(fn(inputs, result), targets))
         flipped = float(((result / s).round() != (nearest / s).round()).float().mean())
-    return result.detach(), {"mse_nearest": err_nearest, "mse_adaround": err, "flipped": flipped}
+    return result.detach(), {"mse_nearest": err_nearest, "mse_adaround": err, "flipped": flipped, "batch": batch_size}
 
 
 def adaround(
@@ -180,6 +190,7 @@ def adaround(
     layers: list[str] | None = None,
     iters: int = 1000,
     batch_size: int = 32,
+    positions: int = 8192,
     max_samples: int = 2048,
     seed: int = 0,
 ) -> dict[str, dict]:
@@ -194,7 +205,9 @@ def adaround(
         inputs = _layer_io(sim, w.module, batches, quantized=True, inputs=True)
         inputs, targets = _samples(inputs, targets, max_samples, seed)
         # the layer's own (float) bias stays in both sides of the reconstruction
-        qweight, stats = adaround_layer(w, inputs, targets, iters=iters, batch_size=batch_size, seed=seed)
+        qweight, stats = adaround_layer(
+            w, inputs, targets, iters=iters, batch_size=batch_size, positions=positions, seed=seed
+        )
         if stats["mse_adaround"] <= stats["mse_nearest"]:
             w.qweight = qweight
             stats["kept"] = True
@@ -214,6 +227,21 @@ def _samples(inputs: torch.Tensor, targets: torch.Tensor, max_samples: int, seed
 
 
 RANGE_FACTORS = (0.7, 0.5, 0.35, 0.25, 0.15, 0.1)
+# widening candidates: geometric steps from a point's clipped range to its observed min-max
+WIDEN_STEPS = (0.25, 0.5, 0.75, 1.0)
+
+
+def _widened(start, stats, steps: tuple[float, ...]) -> list[tuple[float, float]]:
+    """Ranges between ``start`` and the observed extremes, geometrically spaced (a clipped range
+    can be hundreds of times narrower than the values a few images carry)."""
+
+    def toward(edge: float, extreme: float, t: float) -> float:
+        if abs(extreme) <= abs(edge) or edge == 0.0:
+            return edge
+        return edge * (extreme / edge) ** t
+
+    lo_x, hi_x = min(stats.lo, 0.0), max(stats.hi, 0.0)
+    return [(toward(start.lo, lo_x, t), toward(start.hi, hi_x, t)) for t in steps]
 
 
 @torch.no_grad()
@@ -222,17 +250,23 @@ def range_search(
     batches: list[torch.Tensor],
     *,
     factors: tuple[float, ...] = RANGE_FACTORS,
+    widen: tuple[float, ...] = WIDEN_STEPS,
     rounds: int = 2,
     tail_ratio: float = 0.5,
+    clip_ratio: float = 1.5,
     max_images: int = 256,
 ) -> dict[str, dict]:
-    """Narrow the ranges of heavy-tailed activation points where that reproduces the float logits
-    better. Returns the number of candidate points, the final objective and, for each point it
-    changed, ``{"from": [lo, hi], "to": [lo, hi]}``.
+    """Move the ranges of activation points where that reproduces the float logits better:
+    narrower for heavy-tailed points (99.9th percentile under ``tail_ratio`` of the range), wider,
+    toward the observed min-max, for clipped ones (observed extremes beyond ``clip_ratio`` times
+    the range: a percentile cuts off the rare large values of a sparse tensor, such as an SE gate
+    that is almost always shut, and those values can be the signal). Returns the number of
+    candidate points, the final objective and, for each point it changed,
+    ``{"from": [lo, hi], "to": [lo, hi]}``.
 
     The objective is the mean over images of |q - f|^2 / |f|^2 on the logits, so that the few
     images with extreme activations count as much as any other, not more. ``rounds`` sweeps let a
-    point narrow further once the points after it have adapted.
+    point move further once the points after it have adapted.
     """
     x = torch.cat(batches)[:max_images]
     with sim.running(quantized=False):
@@ -243,22 +277,32 @@ def range_search(
         with sim.running(quantized=True):
             return float((((sim(x) - target) ** 2).sum(1) / norm).mean())
 
-    heavy = []
-    for name, p in sim.points.items():
-        if p.fixed is not None or p.kind in ("input", "logits") or p.qparams is None:
-            continue
-        tail = max(abs(quantile(p.stats, 0.001)), abs(quantile(p.stats, 0.999)))
-        if tail < tail_ratio * max(abs(p.qparams.lo), abs(p.qparams.hi)):
-            heavy.append(name)
+    def heavy(p) -> bool:
+        span = max(abs(p.qparams.lo), abs(p.qparams.hi))
+        return max(abs(quantile(p.stats, 0.001)), abs(quantile(p.stats, 0.999))) < tail_ratio * span
+
+    def clipped(p) -> bool:
+        return max(abs(p.stats.lo), abs(p.stats.hi)) > clip_ratio * max(abs(p.qparams.lo), abs(p.qparams.hi))
+
+    def candidates(p) -> list[tuple[float, float]]:
+        start = p.qparams
+        out = [(start.lo * f, start.hi * f) for f in factors] if heavy(p) else []
+        return out + (_widened(start, p.stats, widen) if clipped(p) else [])
+
+    movable = [
+        name
+        for name, p in sim.points.items()
+        if p.fixed is None and p.kind not in ("input", "logits") and p.qparams is not None and (heavy(p) or clipped(p))
+    ]
     changed: dict[str, dict] = {}
     best = loss()
     for _ in range(rounds):
-        for name in progress(heavy, desc="range search", unit="tensor"):
+        for name in progress(movable, desc="range search", unit="tensor"):
             p = sim.points[name]
             start = p.qparams
             keep = start
-            for f in factors:
-                p.qparams = act_qparams(start.lo * f, start.hi * f, p.bits)
+            for lo, hi in candidates(p):
+                p.qparams = act_qparams(lo, hi, p.bits)
                 trial = loss()
                 if trial < best:
                     best, keep = trial, p.qparams
@@ -266,4 +310,4 @@ def range_search(
             if keep is not start:
                 changed.setdefault(name, {"from": [start.lo, start.hi]})["to"] = [keep.lo, keep.hi]
     sim.set_weights(quantized=sim.mode == "quant")  # bias grids follow the new input scales
-    return {"candidates": len(heavy), "objective": best, "changed": changed}
+    return {"candidates": len(movable), "objective": best, "changed": changed}
