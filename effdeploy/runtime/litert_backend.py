@@ -29,7 +29,7 @@ def quantize_input(x: np.ndarray, detail: dict) -> np.ndarray:
         return x
     scale, zero = detail["quantization"]
     info = np.iinfo(detail["dtype"])
-    return np.clip(np.round(x / scale + zero), info.min, info.max).astype(detail["dtype"])
+    return np.clip(np.round(x / scale) + zero, info.min, info.max).astype(detail["dtype"])
 
 
 def dequantize_output(y: np.ndarray, detail: dict) -> np.ndarray:
