@@ -194,7 +194,6 @@ class QuantSim:
                 )
 
         self.mode = "float"  # float | range | hist | quant
-        self.quantize_weights = True
         self.quantize_acts = True
         self._capture: dict[str, torch.Tensor] | None = None
         self._handles = []
