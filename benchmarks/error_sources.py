@@ -36,6 +36,7 @@ def main() -> None:
     from effdeploy.model.checkpoints import load_checkpoint
     from effdeploy.quant.passes import bias_correction
     from effdeploy.quant.sim import QuantSim
+    from effdeploy.report import write_markdown
 
     run = load_run_config(args.config)
     q = run.quant
@@ -97,11 +98,7 @@ def main() -> None:
         "|---|---|---:|",
     ]
     lines += [f"| {n} | {k} | {s:.2f} dB |" for s, n, k in sorted(per_layer)[: args.rows]]
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"error_sources_{run.name}_{args.precision}.md"
-    path.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    print(f"wrote {path}")
+    write_markdown(args.out / f"error_sources_{run.name}_{args.precision}.md", lines)
 
 
 if __name__ == "__main__":

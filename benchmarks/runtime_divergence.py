@@ -36,6 +36,7 @@ def main() -> None:
     from effdeploy.quant.emit_onnx import emit_qdq_onnx, run_points
     from effdeploy.quant.emit_tflite import _nhwc, emit_tflite, run_all_tensors
     from effdeploy.quant.sim import QuantSim
+    from effdeploy.report import write_markdown
 
     run = load_run_config(args.config)
     model = load_checkpoint(run.checkpoint).eval()
@@ -83,11 +84,7 @@ def main() -> None:
             else:
                 cells.append("-")
         lines.append(f"| {point} | {sim.points[point].kind} | {cells[0]} | {cells[1]} |")
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"runtime_divergence_{run.name}.md"
-    path.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    print(f"wrote {path}")
+    write_markdown(args.out / f"runtime_divergence_{run.name}.md", lines)
 
 
 if __name__ == "__main__":

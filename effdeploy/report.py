@@ -185,3 +185,16 @@ def print_quant(report: dict) -> None:
                 opts,
             )
         _console().print(pt)
+
+
+def write_markdown(path, lines: list[str]) -> None:
+    """A benchmark's Markdown result: written atomically, echoed to stdout, its path last."""
+    from pathlib import Path
+
+    from effdeploy.fileio import atomic_write_text
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, "\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print(f"wrote {path}")
