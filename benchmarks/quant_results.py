@@ -130,10 +130,14 @@ def main() -> None:
         "",
     ]
     headline = list(HEADLINE_HEADER)
+    used: set[str] = set()
     for run in args.runs:
         report = json.loads((run / "report.json").read_text())
         headline += headline_rows(report)
         name = run_name(report)
+        if name in used:  # a second run of one config (e.g. another precision): its own files
+            name += "_" + "_".join(dict.fromkeys(r["precision"] for r in report["results"]))
+        used.add(name)
         shutil.copyfile(run / "report.json", args.out / f"quant_{name}.json")
         if (run / "snr_per_block.png").exists():
             shutil.copyfile(run / "snr_per_block.png", args.out / f"quant_{name}.png")
