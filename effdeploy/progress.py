@@ -41,8 +41,8 @@ class _Logged:
 
 
 def progress(iterable, *, desc: str = "", unit: str = "it", total: int | None = None, **kw):
-    if os.environ.get("EFFDEPLOY_PROGRESS", "") == "0" or not sys.stderr.isatty():
-        quiet = os.environ.get("EFFDEPLOY_PROGRESS", "") == "0"
+    quiet = os.environ.get("EFFDEPLOY_PROGRESS", "") == "0"
+    if quiet or not sys.stderr.isatty():
         return _Logged(iterable, desc or "progress", unit, total, quiet=quiet)
     from tqdm.auto import tqdm
 

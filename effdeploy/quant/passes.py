@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 from torch.nn import functional as F
 
@@ -141,7 +140,7 @@ def adaround_layer(
     output pixels: at 224 px an early layer has 12,544 per image, and one image is as many
     reconstruction targets as 32 CIFAR images (the step then costs the same at any resolution)."""
     fn = _layer_fn(w)
-    per_sample = int(np.prod(targets.shape[2:])) if targets.ndim > 2 else 1
+    per_sample = math.prod(targets.shape[2:])  # output pixels per sample (1 for a linear layer)
     batch_size = max(1, min(batch_size, math.ceil(positions / per_sample)))
     s = w.scales.reshape((-1,) + (1,) * (w.float_weight.ndim - 1))
     qmax = weight_qmax(w.bits)
