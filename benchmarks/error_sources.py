@@ -14,6 +14,7 @@ benchmarks/results/error_sources_<name>_<precision>.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -53,14 +54,10 @@ def main() -> None:
         bias_correction(sim, cal_b)
 
     def logits(quantized: bool, *, acts: bool = True, weights: bool = True) -> np.ndarray:
-        sim.quantize_acts = acts
-        try:
-            with sim.running(quantized):
-                if quantized and not weights:
-                    sim.set_weights(quantized=False)
-                return torch.cat([sim(b) for b in held_b]).numpy()
-        finally:
-            sim.quantize_acts = True
+        with sim.running(quantized), contextlib.nullcontext() if acts else sim.float_activations():
+            if quantized and not weights:
+                sim.set_weights(quantized=False)
+            return torch.cat([sim(b) for b in held_b]).numpy()
 
     ref = logits(False)
     rows = [

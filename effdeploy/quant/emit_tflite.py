@@ -120,12 +120,8 @@ def match_points(tensors: dict[str, np.ndarray], captures: dict[str, np.ndarray]
 def _weight_captures(sim: QuantSim, x: np.ndarray) -> dict[str, np.ndarray]:
     """Every point's tensor with quantized weights but float activations: what the float TFLite
     model of the grid-weight graph computes."""
-    prev = sim.quantize_acts
-    sim.quantize_acts = False
-    try:
+    with sim.float_activations():
         _, cap = sim.run_capture(torch.from_numpy(x), quantized=True)
-    finally:
-        sim.quantize_acts = prev
     return {k: _nhwc(v) for k, v in cap.items()}
 
 

@@ -363,6 +363,17 @@ class QuantSim:
             self.set_weights(quantized=prev == "quant")
 
     @contextlib.contextmanager
+    def float_activations(self):
+        """Activations unquantized (weights as the mode says), then restored: what a float model
+        of the grid-weight graph computes, or the weights' share of the error."""
+        prev = self.quantize_acts
+        self.quantize_acts = False
+        try:
+            yield
+        finally:
+            self.quantize_acts = prev
+
+    @contextlib.contextmanager
     def plain_graph(self):
         """The BN-folded model with grid weights (and corrected biases) and no quantizer hooks:
         what the emitters hand to the exporters. Hooks, mode and weights are restored after."""
