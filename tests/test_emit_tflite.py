@@ -99,3 +99,44 @@ def test_inspect_reports_float_ops(tmp_path) -> None:
     )
     info = inspect_tflite(path)
     assert info["input"]["dtype"] == "float32" and "CONV_2D" in info["float_ops"]
+
+
+def _int8_weight_values(path) -> list[np.ndarray]:
+    """Every per-channel int8 constant of a TFLite model, dequantized."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    it = Interpreter(str(path))
+    it.allocate_tensors()
+    out = []
+    for d in it.get_tensor_details():
+        scales = d["quantization_parameters"]["scales"]
+        if d["dtype"] != np.int8 or len(scales) < 2:
+            continue
+        try:
+            q = it.get_tensor(d["index"]).astype(np.float64)
+        except ValueError:
+            continue
+        axis = d["quantization_parameters"]["quantized_dimension"]
+        shape = [1] * q.ndim
+        shape[axis] = len(scales)
+        out.append(q * scales.reshape(shape))
+    return out
+
+
+@pytest.mark.parametrize("overrides", [[], [("classifier", 8)]])
+def test_low_bit_weights_in_int8_containers_are_exact(calibrated: dict, tmp_path, overrides) -> None:
+    """4-bit grid values stored in int8 (depthwise filters; every layer once widths are mixed) are
+    exactly the simulation's, not min-max re-rounded; 8-bit layers are left as they were."""
+    sim = QuantSim(calibrated["model"], weight_bits=4, act_bits=8, weight_overrides=overrides)
+    sim.calibrate([calibrated["x"][:8]])
+    path = tmp_path / "q.tflite"
+    info = emit_tflite(sim, path, calibrated["x"][:8].numpy())
+    stored = _int8_weight_values(path)
+    low = [n for n, w in sim.weights.items() if w.bits == 4]
+    in_int8 = [n for n in low if not overrides and ".dwconv." not in n]  # int4 containers: not here
+    expected = [n for n in low if n not in in_int8]
+    assert expected and f"{len(expected)} sub-8-bit weight tensors" in " ".join(info["notes"])
+    for n in expected + (["classifier"] if overrides else []):
+        ref = np.sort(sim.weights[n].quantized().numpy().ravel())
+        same = [v for v in stored if v.size == ref.size and np.allclose(np.sort(v.ravel()), ref, rtol=1e-6, atol=1e-9)]
+        assert same, n

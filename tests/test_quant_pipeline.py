@@ -169,3 +169,42 @@ def test_quantize_bad_config_is_one_line(tmp_path: Path, repo_root: Path, quant_
     cfg.write_text(f"quant:\n  {quant_yaml}\n")
     line = assert_one_line_error(run_cli("quantize", "--config", str(cfg), cwd=repo_root))
     assert field in line
+
+
+def _load_benchmark(repo_root: Path, name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, repo_root / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_holdout_never_measures_an_image_its_quantization_saw(run: RunConfig, repo_root: Path, monkeypatch) -> None:
+    import torch
+
+    from effdeploy.quant import pipeline
+
+    holdout = _load_benchmark(repo_root, "holdout")
+    parts = holdout.folds_of(10, 3, seed=0)
+    assert sorted(np.concatenate(parts).tolist()) == list(range(10)) and len(parts) == 3
+    with pytest.raises(ValueError, match="--folds"):
+        holdout.folds_of(10, 1, seed=0)
+
+    seen = []
+    real = pipeline.calibrated_sim
+
+    def spy(model, q, method, precision, batches):
+        seen.append(torch.cat(batches))
+        return real(model, q, method, precision, batches)
+
+    monkeypatch.setattr(pipeline, "calibrated_sim", spy)
+    report = holdout.cross_validate(run, ["w8a8"], folds=2, seed=0, log=lambda m: None)
+    assert [r["method"]["name"] for r in report["rows"]] == ["minmax", "ours"]
+    assert report["images"] == 32 and len(seen) == 4  # 2 methods x 2 folds
+    # each fold's calibration images are the other fold's: disjoint halves covering the set
+    a, b = seen[0], seen[1]
+    assert len(a) + len(b) == 32
+    assert not any(torch.equal(img, other) for img in a for other in b)
+    for r in report["rows"]:
+        assert 0 <= r["top1"] <= 1 and 0 <= r["agreement"] <= 1 and r["output_snr_db"] > 0

@@ -19,8 +19,11 @@ never runs:
 
 Limits, recorded in the returned info: activations must be 8 bits (LiteRT's integer kernels);
 ai-edge-quantizer has no int4 depthwise conv, so with 4-bit weights the depthwise filters are
-stored in int8 (their 4-bit grid values then carry an extra error of at most 1/36 of the 4-bit
-step); weight widths other than 4 and 8 are stored in int8 the same way.
+stored in int8, and weight widths other than 4 and 8 likewise. Its min-max scale puts a 4-bit
+grid value up to half an int8 step off; ``exact_low_bit_weights`` re-packs those tensors with
+scale s/18 so that every grid value is an exact int8 integer. LiteRT's int4 CONV_2D kernel
+itself is not bit-exact with integer reference arithmetic (one output step high on a few percent
+of outputs, see benchmarks/runtime_divergence.py): the remaining W4A8 difference.
 """
 
 from __future__ import annotations
@@ -182,6 +185,10 @@ def emit_tflite(sim: QuantSim, path: str | Path, calibration: np.ndarray, *, mat
         with _silenced():
             result = qt.quantize(qsvs, enable_progress_report=False, enable_progress_bar=False)
     model = bytes(result.quantized_model)
+    low = [(w.bits, w.quantized().detach().numpy().astype(np.float64)) for w in sim.weights.values() if w.bits < 8]
+    if low:
+        model, repacked = exact_low_bit_weights(model, low)
+        notes.append(f"{repacked} sub-8-bit weight tensors in int8 containers re-packed exactly (scale s/m)")
     atomic_write_bytes(path, model)
     info = inspect_tflite(path)
     info.update(
@@ -195,6 +202,82 @@ def emit_tflite(sim: QuantSim, path: str | Path, calibration: np.ndarray, *, mat
         }
     )
     return info
+
+
+# operators whose input 1 is a per-channel weight and input 2 its int32 bias
+_WEIGHTED_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")
+
+
+def _grid_code(q: np.ndarray, qmax: int) -> np.ndarray | None:
+    """The b-bit integers k (|k| <= qmax) behind int8 values that min-max quantization of k * s
+    produced (int8 = round(k * 127 / qmax)), or None where ``q`` is not such a tensor."""
+    k = np.round(q.astype(np.float64) * qmax / 127)
+    if np.abs(k).max() > qmax or not np.array_equal(np.round(k * 127 / qmax), q):
+        return None
+    return k.astype(np.int64)
+
+
+def _same_values(decoded: np.ndarray, values: np.ndarray) -> bool:
+    a, b = np.sort(decoded.ravel()), np.sort(values.ravel())
+    return bool(np.abs(a - b).max() <= 1e-5 * max(float(np.abs(b).max()), 1e-12))
+
+
+def exact_low_bit_weights(model: bytes, layers: list[tuple[int, np.ndarray]]) -> tuple[bytes, int]:
+    """Re-pack sub-8-bit weights that sit in int8 containers so that LiteRT computes with exactly
+    the simulation's values.
+
+    ai-edge-quantizer stores a b-bit grid value k * s (|k| <= qmax = 2^(b-1) - 1) of a layer it
+    keeps in int8 (depthwise convs; every layer when widths are mixed) as round(k * 127 / qmax)
+    with scale qmax * s / 127: up to half an int8 step off the grid. With scale s / m instead,
+    m = floor(127 / qmax) (18 for 4 bits), the same value is the integer k * m, exactly; the
+    int32 bias follows its new scale (input scale x weight scale). ``layers`` are the simulation's
+    sub-8-bit layers as (bits, weight values); a tensor is rewritten only where it decodes as
+    such a grid and its values are one of those layers' (compared sorted, so layout-free);
+    returns the model and the number rewritten."""
+    from ai_edge_litert import schema_py_generated as schema
+    from ai_edge_litert.tools import flatbuffer_utils
+
+    fb = flatbuffer_utils.read_model_from_bytearray(bytearray(model))
+    names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+    rewritten = 0
+    done: set[int] = set()
+    for graph in fb.subgraphs:
+        for op in graph.operators:
+            code = fb.operatorCodes[op.opcodeIndex]
+            if names.get(max(code.builtinCode, code.deprecatedBuiltinCode)) not in _WEIGHTED_OPS:
+                continue
+            w_idx = int(op.inputs[1])
+            w = graph.tensors[w_idx]
+            buf = fb.buffers[w.buffer].data
+            if w_idx in done or w.type != schema.TensorType.INT8 or buf is None or w.quantization is None:
+                continue
+            axis = int(w.quantization.quantizedDimension)
+            scale = np.asarray(w.quantization.scale, np.float64)
+            q = np.moveaxis(np.frombuffer(bytes(buf), np.int8).reshape(w.shape), axis, 0).reshape(len(scale), -1)
+            for b, values in layers:
+                qmax = 2 ** (b - 1) - 1
+                k = _grid_code(q, qmax) if values.size == q.size else None
+                if k is not None and _same_values(k * (scale[:, None] * 127 / qmax), values):
+                    break
+            else:
+                continue
+            m = 127 // qmax
+            new_scale = scale * 127 / (qmax * m)  # = s / m, s = the b-bit step
+            new_q = np.moveaxis((k * m).reshape(np.moveaxis(np.empty(w.shape), axis, 0).shape), 0, axis)
+            fb.buffers[w.buffer].data = np.frombuffer(new_q.astype(np.int8).tobytes(), np.uint8).copy()
+            w.quantization.scale = new_scale.astype(np.float32).tolist()
+            if len(op.inputs) > 2 and op.inputs[2] >= 0:
+                bias = graph.tensors[int(op.inputs[2])]
+                b_int = np.frombuffer(bytes(fb.buffers[bias.buffer].data), np.int32).astype(np.int64)
+                in_scale = np.asarray(bias.quantization.scale, np.float64) / scale
+                grid = np.round(b_int * qmax / 127)  # the bias on the b-bit grid (input scale x s)
+                exact = np.round(grid * 127 / qmax) == b_int
+                new_b = np.where(exact, grid * m, np.round(b_int * qmax * m / 127))
+                fb.buffers[bias.buffer].data = np.frombuffer(new_b.astype(np.int32).tobytes(), np.uint8).copy()
+                bias.quantization.scale = (in_scale * new_scale).astype(np.float32).tolist()
+            done.add(w_idx)
+            rewritten += 1
+    return bytes(flatbuffer_utils.convert_object_to_bytearray(fb)), rewritten
 
 
 def _short(name: str) -> str:

@@ -51,6 +51,28 @@ def methods_for(run: RunConfig, weight_bits: int) -> list[Method]:
     ]
 
 
+def calibrated_sim(model, q, method: Method, precision: str, cal_batches: list[torch.Tensor]):
+    """The simulation of ``method`` at ``precision``, calibrated on ``cal_batches`` and through its
+    passes (range search, AdaRound, bias correction, in that order). Returns the simulation and
+    the range-search and AdaRound reports (None where the pass did not run)."""
+    from effdeploy.quant.passes import adaround, bias_correction, range_search
+
+    wb, ab = parse_precision(precision)
+    sim = QuantSim(
+        model,
+        weight_bits=wb,
+        act_bits=ab,
+        weight_overrides=[(o.pattern, o.weight_bits) for o in q.overrides],
+        act_overrides=[(o.pattern, o.act_bits) for o in q.overrides],
+    )
+    sim.calibrate(cal_batches, observer=method.observer, weight_observer=method.weight_observer)
+    searched = range_search(sim, cal_batches) if method.range_search else None
+    ada = adaround(sim, cal_batches, iters=q.adaround_iters) if method.adaround else None
+    if method.bias_correction:
+        bias_correction(sim, cal_batches)
+    return sim, searched, ada
+
+
 def block_output_points(sim: QuantSim) -> list[str]:
     """The tensor each MBConv block hands to the next: the residual add, or the projection."""
     out = []
@@ -84,7 +106,6 @@ def quantize_run(run: RunConfig, out_dir: str | Path, *, log=print) -> dict:
     from effdeploy.data.datasets import load_images
     from effdeploy.fileio import atomic_write_text
     from effdeploy.model.checkpoints import load_checkpoint
-    from effdeploy.quant.passes import adaround, bias_correction, range_search
 
     q = run.quant
     out_dir = Path(out_dir)
@@ -118,18 +139,11 @@ def quantize_run(run: RunConfig, out_dir: str | Path, *, log=print) -> dict:
 
     results = []
     peers: list[dict] = []
-    overrides_w = [(o.pattern, o.weight_bits) for o in q.overrides]
-    overrides_a = [(o.pattern, o.act_bits) for o in q.overrides]
     for precision in q.precisions:
         wb, ab = parse_precision(precision)
         for method in methods_for(run, wb):
             t0 = time.perf_counter()
-            sim = QuantSim(model, weight_bits=wb, act_bits=ab, weight_overrides=overrides_w, act_overrides=overrides_a)
-            sim.calibrate(cal_batches, observer=method.observer, weight_observer=method.weight_observer)
-            searched = range_search(sim, cal_batches) if method.range_search else None
-            ada = adaround(sim, cal_batches, iters=q.adaround_iters) if method.adaround else None
-            if method.bias_correction:
-                bias_correction(sim, cal_batches)
+            sim, searched, ada = calibrated_sim(model, q, method, precision, cal_batches)
             with torch.inference_mode():
                 logits = torch.cat([sim(b) for b in _batches(held_x, 500)]).numpy()
             layers = layer_snr(sim, snr_batches)
