@@ -140,3 +140,22 @@ def test_low_bit_weights_in_int8_containers_are_exact(calibrated: dict, tmp_path
         ref = np.sort(sim.weights[n].quantized().numpy().ravel())
         same = [v for v in stored if v.size == ref.size and np.allclose(np.sort(v.ravel()), ref, rtol=1e-6, atol=1e-9)]
         assert same, n
+
+
+def test_kernel_check_reproduces_litert_int8_arithmetic(calibrated: dict, tmp_path, repo_root) -> None:
+    """benchmarks/litert_kernels.py's integer reference matches LiteRT's int8 kernels to one step
+    (a wrong zero-point, scale or bias there would be many steps off)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("litert_kernels", repo_root / "benchmarks" / "litert_kernels.py")
+    kernels = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(kernels)
+    x = calibrated["x"]
+    sim = QuantSim(calibrated["model"], weight_bits=8, act_bits=8)
+    sim.calibrate([x[:16]])
+    path = tmp_path / "q.tflite"
+    emit_tflite(sim, path, x[:16].numpy())
+    rows = kernels.check_model(path, np.transpose(x[16:].numpy(), (0, 2, 3, 1)).copy())
+    assert {r["op"] for r in rows} == {"CONV_2D", "FULLY_CONNECTED"} and all(r["weights"] == "int8" for r in rows)
+    assert max(r["max_steps"] for r in rows) <= 1
+    assert sum(r["off"] for r in rows) < 0.02 * sum(r["outputs"] for r in rows)
