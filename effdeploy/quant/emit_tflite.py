@@ -150,7 +150,7 @@ def emit_tflite(sim: QuantSim, path: str | Path, calibration: np.ndarray, *, mat
     if container == 4:
         notes.append("depthwise filters stored in int8 (ai-edge-quantizer has no int4 depthwise conv)")
     elif weight_bits != {8}:
-        notes.append(f"weights of {sorted(weight_bits)} bits stored in int8 containers")
+        notes.append(f"weights of {sorted(weight_bits)} bits: ai-edge-quantizer packs one width (int8)")
 
     with tempfile.TemporaryDirectory(prefix="effdeploy-tflite-") as tmp:
         float_path = Path(tmp) / "float.tflite"
@@ -188,7 +188,10 @@ def emit_tflite(sim: QuantSim, path: str | Path, calibration: np.ndarray, *, mat
     low = [(w.bits, w.quantized().detach().numpy().astype(np.float64)) for w in sim.weights.values() if w.bits < 8]
     if low:
         model, repacked = exact_low_bit_weights(model, low)
-        notes.append(f"{repacked} sub-8-bit weight tensors in int8 containers re-packed exactly (scale s/m)")
+        notes.append(
+            f"{repacked} sub-8-bit weight tensors re-packed exactly: 4-bit convs and FCs as int4, "
+            "the others in int8 with scale s/m"
+        )
     atomic_write_bytes(path, model)
     info = inspect_tflite(path)
     info.update(
@@ -217,6 +220,14 @@ def _grid_code(q: np.ndarray, qmax: int) -> np.ndarray | None:
     return k.astype(np.int64)
 
 
+def _pack_int4(values: np.ndarray) -> bytes:
+    """Signed 4-bit values, two a byte, the first in the low nibble (TFLite's int4 layout)."""
+    nib = (values.astype(np.int64) & 0xF).astype(np.uint8)
+    if nib.size % 2:
+        nib = np.append(nib, np.uint8(0))
+    return (nib[0::2] | (nib[1::2] << 4)).tobytes()
+
+
 def _same_values(decoded: np.ndarray, values: np.ndarray) -> bool:
     a, b = np.sort(decoded.ravel()), np.sort(values.ravel())
     return bool(np.abs(a - b).max() <= 1e-5 * max(float(np.abs(b).max()), 1e-12))
@@ -230,10 +241,13 @@ def exact_low_bit_weights(model: bytes, layers: list[tuple[int, np.ndarray]]) ->
     keeps in int8 (depthwise convs; every layer when widths are mixed) as round(k * 127 / qmax)
     with scale qmax * s / 127: up to half an int8 step off the grid. With scale s / m instead,
     m = floor(127 / qmax) (18 for 4 bits), the same value is the integer k * m, exactly; the
-    int32 bias follows its new scale (input scale x weight scale). ``layers`` are the simulation's
-    sub-8-bit layers as (bits, weight values); a tensor is rewritten only where it decodes as
-    such a grid and its values are one of those layers' (compared sorted, so layout-free);
-    returns the model and the number rewritten."""
+    int32 bias follows its new scale (input scale x weight scale). 4-bit CONV_2D and
+    FULLY_CONNECTED weights, which LiteRT runs from int4, are packed as int4 (scale s, two values
+    a byte): with mixed widths (say 8-bit stem and classifier) ai-edge-quantizer's one container
+    width would otherwise store every layer in int8. ``layers`` are the simulation's sub-8-bit
+    layers as (bits, weight values); a tensor is rewritten only where it decodes as such a grid
+    and its values are one of those layers' (compared sorted, so layout-free); returns the model
+    and the number of tensors rewritten."""
     from ai_edge_litert import schema_py_generated as schema
     from ai_edge_litert.tools import flatbuffer_utils
 
@@ -244,7 +258,8 @@ def exact_low_bit_weights(model: bytes, layers: list[tuple[int, np.ndarray]]) ->
     for graph in fb.subgraphs:
         for op in graph.operators:
             code = fb.operatorCodes[op.opcodeIndex]
-            if names.get(max(code.builtinCode, code.deprecatedBuiltinCode)) not in _WEIGHTED_OPS:
+            kind = names.get(max(code.builtinCode, code.deprecatedBuiltinCode))
+            if kind not in _WEIGHTED_OPS:
                 continue
             w_idx = int(op.inputs[1])
             w = graph.tensors[w_idx]
@@ -261,10 +276,13 @@ def exact_low_bit_weights(model: bytes, layers: list[tuple[int, np.ndarray]]) ->
                     break
             else:
                 continue
-            m = 127 // qmax
+            as_int4 = b == 4 and kind != "DEPTHWISE_CONV_2D"
+            m = 1 if as_int4 else 127 // qmax
             new_scale = scale * 127 / (qmax * m)  # = s / m, s = the b-bit step
             new_q = np.moveaxis((k * m).reshape(np.moveaxis(np.empty(w.shape), axis, 0).shape), 0, axis)
-            fb.buffers[w.buffer].data = np.frombuffer(new_q.astype(np.int8).tobytes(), np.uint8).copy()
+            data = _pack_int4(new_q.ravel()) if as_int4 else new_q.astype(np.int8).tobytes()
+            fb.buffers[w.buffer].data = np.frombuffer(data, np.uint8).copy()
+            w.type = schema.TensorType.INT4 if as_int4 else schema.TensorType.INT8
             w.quantization.scale = new_scale.astype(np.float32).tolist()
             if len(op.inputs) > 2 and op.inputs[2] >= 0:
                 bias = graph.tensors[int(op.inputs[2])]
