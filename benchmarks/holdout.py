@@ -31,6 +31,11 @@ def folds_of(n: int, k: int, seed: int) -> list[np.ndarray]:
     return list(np.array_split(np.random.default_rng(seed).permutation(n), k))
 
 
+def _passes(method: dict) -> str:
+    done = [n for key, n in (("adaround", "AdaRound"), ("bias_correction", "bias correction")) if method.get(key)]
+    return f": {', '.join(done)}" if done and method["name"] == "ours" else ""
+
+
 def cross_validate(run, precisions: list[str], folds: int, seed: int, *, log=print) -> dict:
     """Pooled out-of-fold logits of "ours" and min-max at each precision (see the module doc)."""
     from effdeploy.config import parse_precision
@@ -80,6 +85,7 @@ def cross_validate(run, precisions: list[str], folds: int, seed: int, *, log=pri
         "folds": folds,
         "seed": seed,
         "float_top1": topk_accuracy(ref, labels, 1),
+        "config": json.loads(q.model_dump_json()),
         "rows": rows,
     }
 
@@ -95,7 +101,7 @@ def main() -> None:
 
     from effdeploy.config import load_run_config
     from effdeploy.fileio import atomic_write_text
-    from effdeploy.report import json_safe, method_label, write_markdown
+    from effdeploy.report import json_safe, method_label, wider_layers, write_markdown
 
     run = load_run_config(args.config)
     precisions = list(args.precisions or run.quant.precisions)
@@ -117,7 +123,9 @@ def main() -> None:
         "|---|---|---:|---:|---:|---:|",
     ]
     for r in report["rows"]:
-        label = "min-max, nearest" if r["method"]["name"] == "minmax" else method_label(r["method"])
+        wider = wider_layers(report["config"], r["precision"])
+        name = {"name": "min-max, nearest"} if r["method"]["name"] == "minmax" else r["method"]
+        label = method_label(name, wider) + _passes(r["method"])
         lines.append(
             f"| {r['precision']} | {label} | {100 * r['top1']:.2f}% | {100 * (r['top1'] - float_top1):+.2f} | "
             f"{100 * r['agreement']:.2f}% | {r['output_snr_db']:.2f} dB |"

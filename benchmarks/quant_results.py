@@ -13,7 +13,7 @@ import json
 import shutil
 from pathlib import Path
 
-from effdeploy.report import method_label
+from effdeploy.report import method_label, wider_layers
 
 
 def run_name(report: dict) -> str:
@@ -33,7 +33,12 @@ def rows_for(report: dict) -> list[str]:
     name = run_name(report)
     for r in report["results"]:
         m = r["method"]
-        label = "min-max, nearest (baseline)" if m["name"] == "minmax" else f"{method_label(m)} (simulation)"
+        wider = wider_layers(report.get("config", {}), r["precision"])
+        label = (
+            method_label({"name": "min-max, nearest (baseline)"}, wider)
+            if m["name"] == "minmax"
+            else f"{method_label(m, wider)} (simulation)"
+        )
         worst = ", ".join(f"{w['name'].removeprefix('blocks.')} {w['snr_db']:.1f}" for w in r["worst_layers"])
         lines.append(
             f"| {name} | {r['precision']} | {label} | {_pct(r['top1'])} | {100 * r['top1_delta']:+.2f} | "

@@ -103,9 +103,25 @@ def json_safe(obj):
     return obj
 
 
-def method_label(method: dict) -> str:
-    """``ours``, with the optional passes it ran named (range search is off by default)."""
-    return method["name"] + (" + range search" if method.get("range_search") else "")
+def method_label(method: dict, wider: list[str] | tuple[str, ...] = ()) -> str:
+    """``ours``, with the optional passes it ran named (range search is off by default) and the
+    layers a per-layer override keeps wider than the precision says (``wider_layers``)."""
+    label = method["name"] + (" + range search" if method.get("range_search") else "")
+    return label + (f" ({', '.join(wider)}: 8-bit weights)" if wider else "")
+
+
+def wider_layers(config: dict, precision: str) -> list[str]:
+    """The override patterns (as plain names) that give weights more bits than ``precision``."""
+    import re
+
+    from effdeploy.config import parse_precision
+
+    wb, _ = parse_precision(precision)
+    out = []
+    for o in config.get("overrides", ()):
+        if o.get("weight_bits") is not None and o["weight_bits"] > wb:
+            out.append(re.sub(r"[\\^$]", "", o["pattern"]).strip("."))
+    return out
 
 
 def print_quant(report: dict) -> None:
@@ -125,7 +141,7 @@ def print_quant(report: dict) -> None:
         worst = ", ".join(f"{w['name'].removeprefix('blocks.')} {w['snr_db']:.1f}" for w in r["worst_layers"])
         t.add_row(
             r["precision"],
-            method_label(r["method"]),
+            method_label(r["method"], wider_layers(report.get("config", {}), r["precision"])),
             f"{100 * r['top1']:.2f}%",
             f"{100 * r['top1_delta']:+.2f}",
             f"{100 * r['agreement']:.2f}%",
