@@ -37,17 +37,11 @@ def check_model(path: Path, x_nhwc: np.ndarray) -> list[dict]:
     from ai_edge_litert import schema_py_generated as schema
     from ai_edge_litert.tools import flatbuffer_utils
 
-    from effdeploy.quant.emit_tflite import _interpreter
-    from effdeploy.runtime.litert_backend import quantize_input
+    from effdeploy.quant.emit_tflite import invoked
 
     fb = flatbuffer_utils.read_model_from_bytearray(bytearray(path.read_bytes()))
     names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
-    it = _interpreter(path, preserve=True)
-    inp = it.get_input_details()[0]
-    it.resize_tensor_input(inp["index"], list(x_nhwc.shape))
-    it.allocate_tensors()
-    it.set_tensor(inp["index"], quantize_input(x_nhwc, inp))
-    it.invoke()
+    it = invoked(path, x_nhwc)
     graph = fb.subgraphs[0]
     rows = []
     for op in graph.operators:

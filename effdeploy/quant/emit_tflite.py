@@ -72,15 +72,21 @@ def _interpreter(path_or_bytes, *, preserve: bool = False):
     )
 
 
-def run_all_tensors(model, x_nhwc: np.ndarray) -> tuple[object, dict[str, np.ndarray]]:
-    """Run a TFLite model keeping every tensor; returns (interpreter, {name: value}). Integer
-    tensors are returned dequantized."""
+def invoked(model, x_nhwc: np.ndarray):
+    """A LiteRT interpreter (builtin kernels, every tensor preserved) that has run ``x_nhwc``."""
     it = _interpreter(model, preserve=True)
     inp = it.get_input_details()[0]
     it.resize_tensor_input(inp["index"], list(x_nhwc.shape))
     it.allocate_tensors()
     it.set_tensor(inp["index"], quantize_input(x_nhwc, inp))
     it.invoke()
+    return it
+
+
+def run_all_tensors(model, x_nhwc: np.ndarray) -> tuple[object, dict[str, np.ndarray]]:
+    """Run a TFLite model keeping every tensor; returns (interpreter, {name: value}). Integer
+    tensors are returned dequantized."""
+    it = invoked(model, x_nhwc)
     values = {}
     for d in it.get_tensor_details():
         try:
