@@ -47,8 +47,10 @@ def linear_snr_to_db(ratio: float) -> float:
 
 
 def topk_accuracy(logits: np.ndarray, labels: np.ndarray, k: int = 1) -> float:
+    """Ties go to the lower class index, as ``argmax`` breaks them (int8 logits tie often): so
+    two outputs with the same argmax always score the same top-1."""
     k = min(k, logits.shape[1])
-    topk = np.argpartition(-logits, k - 1, axis=1)[:, :k]
+    topk = np.argsort(-logits, axis=1, kind="stable")[:, :k]
     return float(np.mean(np.any(topk == np.asarray(labels)[:, None], axis=1)))
 
 

@@ -287,3 +287,18 @@ def test_dead_channel_keeps_its_bias_on_the_int32_grid(tiny_config: dict) -> Non
     grid = sim.points[w.input_point].qparams.scale * w.scales.double()
     assert abs(3.0 / grid[0].item()) <= 2**24 + 1
     assert w.module.bias[0].item() == pytest.approx(3.0, rel=1e-6)
+
+
+def test_top1_breaks_ties_like_argmax() -> None:
+    """Tied int8 logits: top-1 accuracy follows argmax (the lower index), so an output that agrees
+    with another on every argmax also scores the same top-1."""
+    import numpy as np
+
+    from effdeploy.metrics import top1_agreement, topk_accuracy
+
+    rng = np.random.default_rng(0)
+    logits = rng.integers(-3, 3, size=(2000, 50)).astype(np.float32)  # many ties at the top
+    labels = logits.argmax(1)
+    assert topk_accuracy(logits, labels, 1) == 1.0
+    assert top1_agreement(logits, logits.copy()) == 1.0
+    assert topk_accuracy(logits, (labels + 1) % 50, 2) >= topk_accuracy(logits, (labels + 1) % 50, 1)
