@@ -9,7 +9,8 @@ pass that learns from data (AdaRound above all: 8-bit AdaRound on Lite0 gives 32
 calibration images) looks better there than it will on other images. Here the set is cut into
 ``--folds`` folds; each fold is quantized from the other folds ("ours", exactly as the config
 runs it, and the min-max baseline) and measured on its own images; the logits of all folds are
-pooled into one top-1, agreement and SNR. Writes benchmarks/results/holdout_<name>.md and .json.
+pooled into one top-1, agreement and SNR. Writes benchmarks/results/holdout_<name>_<precisions>.md
+and .json.
 """
 
 from __future__ import annotations
@@ -131,8 +132,9 @@ def main() -> None:
             f"{100 * r['agreement']:.2f}% | {r['output_snr_db']:.2f} dB |"
         )
     args.out.mkdir(parents=True, exist_ok=True)
-    write_markdown(args.out / f"holdout_{run.name}.md", lines)
-    atomic_write_text(args.out / f"holdout_{run.name}.json", json.dumps(json_safe(report), indent=2))
+    stem = f"holdout_{run.name}_{'_'.join(precisions)}"
+    write_markdown(args.out / f"{stem}.md", lines)
+    atomic_write_text(args.out / f"{stem}.json", json.dumps(json_safe(report), indent=2))
 
 
 if __name__ == "__main__":
