@@ -131,7 +131,6 @@ def main() -> None:
             f"| {r['precision']} | {label} | {100 * r['top1']:.2f}% | {100 * (r['top1'] - float_top1):+.2f} | "
             f"{100 * r['agreement']:.2f}% | {r['output_snr_db']:.2f} dB |"
         )
-    args.out.mkdir(parents=True, exist_ok=True)
     stem = f"holdout_{run.name}_{'_'.join(precisions)}"
     write_markdown(args.out / f"{stem}.md", lines)
     atomic_write_text(args.out / f"{stem}.json", json.dumps(json_safe(report), indent=2))

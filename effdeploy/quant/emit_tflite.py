@@ -23,7 +23,7 @@ stored in int8, and weight widths other than 4 and 8 likewise. Its min-max scale
 grid value up to half an int8 step off; ``exact_low_bit_weights`` re-packs those tensors with
 scale s/18 so that every grid value is an exact int8 integer. LiteRT's int4 CONV_2D kernel
 itself is not bit-exact with integer reference arithmetic (one output step high on a few percent
-of outputs, see benchmarks/runtime_divergence.py): the remaining W4A8 difference.
+of outputs, see benchmarks/litert_kernels.py): the remaining W4A8 difference.
 """
 
 from __future__ import annotations
