@@ -20,44 +20,28 @@ from pathlib import Path
 
 import numpy as np
 
-INT4, INT8 = 17, 9  # TFLite TensorType codes
-
-
-def _weights(fb, tensor) -> np.ndarray:
-    raw = np.frombuffer(bytes(fb.buffers[tensor.buffer].data), np.uint8)
-    if tensor.type == INT8:
-        return raw.view(np.int8).reshape(tensor.shape).astype(np.int64)
-    nib = np.stack([raw & 0xF, raw >> 4], 1).reshape(-1).astype(np.int64)  # int4: two per byte, low first
-    nib = np.where(nib > 7, nib - 16, nib)
-    return nib[: int(np.prod(tensor.shape))].reshape(tensor.shape)
-
 
 def check_model(path: Path, x_nhwc: np.ndarray) -> list[dict]:
     """One row per checked op: type, weight dtype, outputs compared, outputs one step or more off."""
     from ai_edge_litert import schema_py_generated as schema
     from ai_edge_litert.tools import flatbuffer_utils
 
-    from effdeploy.quant.emit_tflite import invoked
+    from effdeploy.quant.emit_tflite import invoked, operators, weight_values
 
+    int4, int8 = schema.TensorType.INT4, schema.TensorType.INT8
     fb = flatbuffer_utils.read_model_from_bytearray(bytearray(path.read_bytes()))
-    names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
     it = invoked(path, x_nhwc)
-    graph = fb.subgraphs[0]
     rows = []
-    for op in graph.operators:
-        code = fb.operatorCodes[op.opcodeIndex]
-        kind = names.get(max(code.builtinCode, code.deprecatedBuiltinCode))
-        if kind not in ("CONV_2D", "FULLY_CONNECTED"):
-            continue
+    for graph, op, kind in operators(fb, ("CONV_2D", "FULLY_CONNECTED")):
         wt = graph.tensors[op.inputs[1]]
-        if wt.type not in (INT8, INT4) or (kind == "CONV_2D" and tuple(wt.shape[1:3]) != (1, 1)):
+        if wt.type not in (int8, int4) or (kind == "CONV_2D" and tuple(wt.shape[1:3]) != (1, 1)):
             continue
         opts = op.builtinOptions
         if getattr(opts, "fusedActivationFunction", 0) != 0 or (
             kind == "CONV_2D" and (opts.strideH, opts.strideW) != (1, 1)
         ):
             continue
-        w = _weights(fb, wt).reshape(wt.shape[0], -1)  # [out, in]
+        w = weight_values(fb, wt).reshape(wt.shape[0], -1)  # [out, in]
         w_scale = np.asarray(wt.quantization.scale, np.float64)
         bias = (
             np.frombuffer(bytes(fb.buffers[graph.tensors[op.inputs[2]].buffer].data), np.int32).astype(np.int64)
@@ -75,7 +59,7 @@ def check_model(path: Path, x_nhwc: np.ndarray) -> list[dict]:
         rows.append(
             {
                 "op": kind,
-                "weights": "int4" if wt.type == INT4 else "int8",
+                "weights": "int4" if wt.type == int4 else "int8",
                 "outputs": int(diff.size),
                 "off": int((diff > 0).sum()),
                 "max_steps": int(diff.max()),

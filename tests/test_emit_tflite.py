@@ -9,7 +9,7 @@ import torch
 from test_quant_core import _trained_like
 
 from effdeploy.errors import EffdeployError
-from effdeploy.quant.emit_tflite import emit_tflite, inspect_tflite, litert_layer_snr, run_all_tensors
+from effdeploy.quant.emit_tflite import emit_tflite, inspect_tflite, litert_layer_snr, run_all_tensors, weight_values
 from effdeploy.quant.sim import QuantSim
 from effdeploy.runtime import load_backend
 
@@ -146,8 +146,18 @@ def test_low_bit_weights_in_int8_containers_are_exact(calibrated: dict, tmp_path
     from ai_edge_litert.tools import flatbuffer_utils
 
     fb = flatbuffer_utils.read_model_from_bytearray(bytearray(path.read_bytes()))
-    int4 = sum(t.type == 17 for g in fb.subgraphs for t in g.tensors)  # TensorType.INT4
-    assert int4 == len(low) - len(depthwise)
+    int4 = [t for g in fb.subgraphs for t in g.tensors if t.type == 17]  # TensorType.INT4
+    assert len(int4) == len(low) - len(depthwise)
+    # and each decodes (two signed nibbles a byte) to one 4-bit layer's simulated values
+    refs = [np.sort(sim.weights[n].quantized().numpy().ravel()) for n in low if n not in depthwise]
+    for t in int4:
+        k = weight_values(fb, t)
+        assert np.abs(k).max() <= 7
+        scale = np.asarray(t.quantization.scale, np.float64)
+        shape = [1] * k.ndim
+        shape[int(t.quantization.quantizedDimension)] = len(scale)
+        got = np.sort((k * scale.reshape(shape)).ravel())
+        assert any(r.size == got.size and np.allclose(got, r, rtol=1e-6, atol=1e-9) for r in refs), t.name
     out = load_backend("litert", path).run(calibrated["x"][16:].numpy())
     assert out.shape == (8, 10) and np.isfinite(out).all()
 

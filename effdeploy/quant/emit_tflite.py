@@ -234,6 +234,36 @@ def _pack_int4(values: np.ndarray) -> bytes:
     return (nib[0::2] | (nib[1::2] << 4)).tobytes()
 
 
+def weight_values(fb, tensor) -> np.ndarray:
+    """An int8 or int4 weight tensor of a parsed model as int64 integers in its own shape (int4:
+    the inverse of ``_pack_int4``)."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    raw = np.frombuffer(bytes(fb.buffers[tensor.buffer].data), np.uint8)
+    if tensor.type == schema.TensorType.INT8:
+        return raw.view(np.int8).reshape(tensor.shape).astype(np.int64)
+    if tensor.type != schema.TensorType.INT4:
+        raise ValueError(f"weight tensor {tensor.name!r} is neither int8 nor int4 (type {tensor.type})")
+    nib = np.stack([raw & 0xF, raw >> 4], 1).reshape(-1).astype(np.int64)
+    nib = np.where(nib > 7, nib - 16, nib)
+    return nib[: int(np.prod(tensor.shape))].reshape(tensor.shape)
+
+
+def operators(fb, kinds: tuple[str, ...]):
+    """(subgraph, operator, kind name) for every operator of a parsed model whose builtin kind
+    (``"CONV_2D"``...) is in ``kinds``; the builtin code is whichever of the two schema fields
+    holds it (old converters fill the deprecated int8 one)."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+    for graph in fb.subgraphs:
+        for op in graph.operators:
+            code = fb.operatorCodes[op.opcodeIndex]
+            kind = names.get(max(code.builtinCode, code.deprecatedBuiltinCode))
+            if kind in kinds:
+                yield graph, op, kind
+
+
 def _same_values(decoded: np.ndarray, values: np.ndarray) -> bool:
     a, b = np.sort(decoded.ravel()), np.sort(values.ravel())
     return bool(np.abs(a - b).max() <= 1e-5 * max(float(np.abs(b).max()), 1e-12))
@@ -258,49 +288,43 @@ def exact_low_bit_weights(model: bytes, layers: list[tuple[int, np.ndarray]]) ->
     from ai_edge_litert.tools import flatbuffer_utils
 
     fb = flatbuffer_utils.read_model_from_bytearray(bytearray(model))
-    names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
     rewritten = 0
     done: set[int] = set()
-    for graph in fb.subgraphs:
-        for op in graph.operators:
-            code = fb.operatorCodes[op.opcodeIndex]
-            kind = names.get(max(code.builtinCode, code.deprecatedBuiltinCode))
-            if kind not in _WEIGHTED_OPS:
-                continue
-            w_idx = int(op.inputs[1])
-            w = graph.tensors[w_idx]
-            buf = fb.buffers[w.buffer].data
-            if w_idx in done or w.type != schema.TensorType.INT8 or buf is None or w.quantization is None:
-                continue
-            axis = int(w.quantization.quantizedDimension)
-            scale = np.asarray(w.quantization.scale, np.float64)
-            q = np.moveaxis(np.frombuffer(bytes(buf), np.int8).reshape(w.shape), axis, 0).reshape(len(scale), -1)
-            for b, values in layers:
-                qmax = 2 ** (b - 1) - 1
-                k = _grid_code(q, qmax) if values.size == q.size else None
-                if k is not None and _same_values(k * (scale[:, None] * 127 / qmax), values):
-                    break
-            else:
-                continue
-            as_int4 = b == 4 and kind != "DEPTHWISE_CONV_2D"
-            m = 1 if as_int4 else 127 // qmax
-            new_scale = scale * 127 / (qmax * m)  # = s / m, s = the b-bit step
-            new_q = np.moveaxis((k * m).reshape(np.moveaxis(np.empty(w.shape), axis, 0).shape), 0, axis)
-            data = _pack_int4(new_q.ravel()) if as_int4 else new_q.astype(np.int8).tobytes()
-            fb.buffers[w.buffer].data = np.frombuffer(data, np.uint8).copy()
-            w.type = schema.TensorType.INT4 if as_int4 else schema.TensorType.INT8
-            w.quantization.scale = new_scale.astype(np.float32).tolist()
-            if len(op.inputs) > 2 and op.inputs[2] >= 0:
-                bias = graph.tensors[int(op.inputs[2])]
-                b_int = np.frombuffer(bytes(fb.buffers[bias.buffer].data), np.int32).astype(np.int64)
-                in_scale = np.asarray(bias.quantization.scale, np.float64) / scale
-                grid = np.round(b_int * qmax / 127)  # the bias on the b-bit grid (input scale x s)
-                exact = np.round(grid * 127 / qmax) == b_int
-                new_b = np.where(exact, grid * m, np.round(b_int * qmax * m / 127))
-                fb.buffers[bias.buffer].data = np.frombuffer(new_b.astype(np.int32).tobytes(), np.uint8).copy()
-                bias.quantization.scale = (in_scale * new_scale).astype(np.float32).tolist()
-            done.add(w_idx)
-            rewritten += 1
+    for graph, op, kind in operators(fb, _WEIGHTED_OPS):
+        w_idx = int(op.inputs[1])
+        w = graph.tensors[w_idx]
+        buf = fb.buffers[w.buffer].data
+        if w_idx in done or w.type != schema.TensorType.INT8 or buf is None or w.quantization is None:
+            continue
+        axis = int(w.quantization.quantizedDimension)
+        scale = np.asarray(w.quantization.scale, np.float64)
+        q = np.moveaxis(weight_values(fb, w), axis, 0).reshape(len(scale), -1)
+        for b, values in layers:
+            qmax = 2 ** (b - 1) - 1
+            k = _grid_code(q, qmax) if values.size == q.size else None
+            if k is not None and _same_values(k * (scale[:, None] * 127 / qmax), values):
+                break
+        else:
+            continue
+        as_int4 = b == 4 and kind != "DEPTHWISE_CONV_2D"
+        m = 1 if as_int4 else 127 // qmax
+        new_scale = scale * 127 / (qmax * m)  # = s / m, s = the b-bit step
+        new_q = np.moveaxis((k * m).reshape(np.moveaxis(np.empty(w.shape), axis, 0).shape), 0, axis)
+        data = _pack_int4(new_q.ravel()) if as_int4 else new_q.astype(np.int8).tobytes()
+        fb.buffers[w.buffer].data = np.frombuffer(data, np.uint8).copy()
+        w.type = schema.TensorType.INT4 if as_int4 else schema.TensorType.INT8
+        w.quantization.scale = new_scale.astype(np.float32).tolist()
+        if len(op.inputs) > 2 and op.inputs[2] >= 0:
+            bias = graph.tensors[int(op.inputs[2])]
+            b_int = np.frombuffer(bytes(fb.buffers[bias.buffer].data), np.int32).astype(np.int64)
+            in_scale = np.asarray(bias.quantization.scale, np.float64) / scale
+            grid = np.round(b_int * qmax / 127)  # the bias on the b-bit grid (input scale x s)
+            exact = np.round(grid * 127 / qmax) == b_int
+            new_b = np.where(exact, grid * m, np.round(b_int * qmax * m / 127))
+            fb.buffers[bias.buffer].data = np.frombuffer(new_b.astype(np.int32).tobytes(), np.uint8).copy()
+            bias.quantization.scale = (in_scale * new_scale).astype(np.float32).tolist()
+        done.add(w_idx)
+        rewritten += 1
     return bytes(flatbuffer_utils.convert_object_to_bytearray(fb)), rewritten
 
 
