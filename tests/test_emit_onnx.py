@@ -50,6 +50,14 @@ def test_qdq_model_reproduces_every_simulated_tensor(tiny_config: dict, tmp_path
     weight_types = {i.data_type for i in graph.initializer if i.name.endswith("_wq")}
     assert weight_types == {onnx.TensorProto.INT4 if wb == 4 else onnx.TensorProto.INT8}
     assert not any(i.name.endswith(".weight") for i in graph.initializer)  # no float weights left
+    # weights are raw bytes, a byte per int8 and half a byte per int4 value, and decode to the
+    # simulation's grid integers
+    for layer, w in sim.weights.items():
+        init = next(i for i in graph.initializer if i.name == f"{layer.replace('.', '_')}_wq")
+        assert len(init.raw_data) == -(-w.float_weight.numel() * wb // 8)
+        k = onnx.numpy_helper.to_array(init).astype(np.int64)
+        scales = w.scales.double().numpy().reshape((-1,) + (1,) * (k.ndim - 1))
+        np.testing.assert_allclose(k * scales, w.quantized().double().numpy(), rtol=1e-6, atol=1e-12)
     outs = _point_outputs(path, sim, x.numpy())
     # the input is exact; the first computed tensor agrees to within one quantization step (float
     # accumulation order can flip a value that sits on a rounding boundary) and later tensors

@@ -22,6 +22,7 @@ from effdeploy.errors import EffdeployError
 from effdeploy.export.onnx import DEFAULT_OPSET, torch_to_onnx
 from effdeploy.fileio import atomic_path
 from effdeploy.quant.fakequant import INT32_MAX
+from effdeploy.quant.int4 import pack_int4
 from effdeploy.quant.sim import QuantSim
 
 OPSET = 21
@@ -171,7 +172,10 @@ def _insert_qdq(model, sim: QuantSim, tensor_of: dict[str, str]) -> None:
         wq = np.rint(w.quantized().double().numpy() / scales.reshape(shape)).astype(np.int8)
         storage = TensorProto.INT4 if w.bits <= 4 else TensorProto.INT8
         key = _key(layer)
-        inits.append(helper.make_tensor(f"{key}_wq", storage, list(wq.shape), wq.flatten().tolist()))
+        # raw bytes (int4: two a byte): a value list would go into int32_data as varints, up to
+        # 10 bytes per negative int8 weight (Lite0's W8A8 file was 25.8 MB that way)
+        packed = pack_int4(wq) if storage == TensorProto.INT4 else wq.tobytes()
+        inits.append(helper.make_tensor(f"{key}_wq", storage, list(wq.shape), packed, raw=True))
         inits.append(numpy_helper.from_array(scales.astype(np.float32), f"{key}_wscale"))
         inits.append(helper.make_tensor(f"{key}_wzero", storage, [len(scales)], [0] * len(scales)))
         dq = helper.make_node(

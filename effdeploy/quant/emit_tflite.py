@@ -41,6 +41,7 @@ import torch
 
 from effdeploy.errors import EffdeployError
 from effdeploy.fileio import atomic_write_bytes
+from effdeploy.quant.int4 import pack_int4, unpack_int4
 from effdeploy.quant.sim import QuantSim
 from effdeploy.runtime.litert_backend import dequantize_output, quantize_input
 
@@ -226,17 +227,9 @@ def _grid_code(q: np.ndarray, qmax: int) -> np.ndarray | None:
     return k.astype(np.int64)
 
 
-def _pack_int4(values: np.ndarray) -> bytes:
-    """Signed 4-bit values, two a byte, the first in the low nibble (TFLite's int4 layout)."""
-    nib = (values.astype(np.int64) & 0xF).astype(np.uint8)
-    if nib.size % 2:
-        nib = np.append(nib, np.uint8(0))
-    return (nib[0::2] | (nib[1::2] << 4)).tobytes()
-
-
 def weight_values(fb, tensor) -> np.ndarray:
     """An int8 or int4 weight tensor of a parsed model as int64 integers in its own shape (int4:
-    the inverse of ``_pack_int4``)."""
+    the inverse of ``pack_int4``)."""
     from ai_edge_litert import schema_py_generated as schema
 
     raw = np.frombuffer(bytes(fb.buffers[tensor.buffer].data), np.uint8)
@@ -244,9 +237,7 @@ def weight_values(fb, tensor) -> np.ndarray:
         return raw.view(np.int8).reshape(tensor.shape).astype(np.int64)
     if tensor.type != schema.TensorType.INT4:
         raise ValueError(f"weight tensor {tensor.name!r} is neither int8 nor int4 (type {tensor.type})")
-    nib = np.stack([raw & 0xF, raw >> 4], 1).reshape(-1).astype(np.int64)
-    nib = np.where(nib > 7, nib - 16, nib)
-    return nib[: int(np.prod(tensor.shape))].reshape(tensor.shape)
+    return unpack_int4(raw, int(np.prod(tensor.shape))).reshape(tensor.shape)
 
 
 def operators(fb, kinds: tuple[str, ...]):
@@ -310,7 +301,7 @@ def exact_low_bit_weights(model: bytes, layers: list[tuple[int, np.ndarray]]) ->
         m = 1 if as_int4 else 127 // qmax
         new_scale = scale * 127 / (qmax * m)  # = s / m, s = the b-bit step
         new_q = np.moveaxis((k * m).reshape(np.moveaxis(np.empty(w.shape), axis, 0).shape), 0, axis)
-        data = _pack_int4(new_q.ravel()) if as_int4 else new_q.astype(np.int8).tobytes()
+        data = pack_int4(new_q) if as_int4 else new_q.astype(np.int8).tobytes()
         fb.buffers[w.buffer].data = np.frombuffer(data, np.uint8).copy()
         w.type = schema.TensorType.INT4 if as_int4 else schema.TensorType.INT8
         w.quantization.scale = new_scale.astype(np.float32).tolist()
