@@ -255,7 +255,13 @@ class QuantConfig(_Strict):
     bias_correction: bool = True
     # output-aware activation ranges: narrow heavy tails, widen clipped ones (quant/passes.py: range_search)
     range_search: bool = False
+    # what the range search keeps low: "relative", the mean over images of |q - f|^2 / |f|^2 on
+    # the logits (output SNR), or "kl", the mean KL divergence of the softmax (the prediction)
+    range_search_objective: Literal["relative", "kl"] = "relative"
     adaround: Literal["auto", "on", "off"] = "auto"  # auto: on when weights have fewer than 8 bits
+    # weigh each calibration image's reconstruction error by 1 / its target energy, so that a few
+    # images with huge activations do not decide the rounding (quant/passes.py: adaround_layer)
+    adaround_balance: bool = False
     adaround_iters: int = Field(1000, ge=1)
     overrides: tuple[LayerOverride, ...] = ()
     # held-out images (never the calibration ones): accuracy on all of them, layer SNR on a subset

@@ -106,7 +106,9 @@ def json_safe(obj):
 def method_label(method: dict, wider: list[str] | tuple[str, ...] = ()) -> str:
     """``ours``, with the optional passes it ran named (range search is off by default) and the
     layers a per-layer override keeps wider than the precision says (``wider_layers``)."""
-    label = method["name"] + (" + range search" if method.get("range_search") else "")
+    label = method["name"]
+    if method.get("range_search"):
+        label += " + range search" + (" (KL)" if method.get("range_search_objective") == "kl" else "")
     return label + (f" ({', '.join(wider)}: 8-bit weights)" if wider else "")
 
 

@@ -150,3 +150,52 @@ def test_adaround_batch_shrinks_with_output_pixels(setup) -> None:
         cap.remove()
         pixels = cap.outputs[0].shape[2] * cap.outputs[0].shape[3]
         assert stats["batch"] == min(32, -(-64 // pixels)), name
+
+
+def test_range_search_kl_objective_is_the_prediction_divergence(tiny_config: dict) -> None:
+    """objective="kl" reports the mean KL(softmax(float) || softmax(quantized)) of the images it
+    searched on (checked here independently), never rises with candidates, and any other name is
+    refused."""
+    model = _trained_like(tiny_config)
+    torch.manual_seed(0)
+    x = torch.randn(32, 3, 32, 32)
+    x[0] *= 25.0
+    sim = QuantSim(model, weight_bits=8, act_bits=6)
+    sim.calibrate([x], observer="minmax")
+    baseline = range_search(sim, [x], factors=(), objective="kl")
+    with sim.running(False):
+        f = torch.log_softmax(sim(x), 1)
+    with sim.running(True):
+        q = torch.log_softmax(sim(x), 1)
+    kl = float((f.exp() * (f - q)).sum(1).mean())
+    assert baseline["objective"] == pytest.approx(kl, rel=1e-5) and kl > 0
+    result = range_search(sim, [x], factors=(0.5, 0.25), rounds=1, objective="kl")
+    assert result["objective"] <= baseline["objective"]
+    with pytest.raises(ValueError, match="objective"):
+        range_search(sim, [x], objective="mse")
+
+
+def test_adaround_balance_serves_the_typical_images(setup) -> None:
+    """A few images carrying 100x the signal decide an unbalanced rounding; balanced, each image's
+    error counts relative to its own energy and the other images are reconstructed better."""
+    from effdeploy.quant.fakequant import weight_scales
+    from effdeploy.quant.passes import adaround_layer
+    from effdeploy.quant.sim import WeightLayer
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(32, 16)
+    w = WeightLayer("fc", layer, 4, layer.weight.detach().clone(), float_bias=layer.bias.detach().clone())
+    w.scales = weight_scales(w.float_weight, 4)
+    inputs = torch.randn(256, 32)
+    inputs[:16] = 100.0 * torch.randn(16, 32).abs() * (torch.rand(16, 32) < 0.2)  # sparse, huge images
+    with torch.no_grad():
+        targets = layer(inputs)
+
+    def typical_error(balance: bool) -> float:
+        q, _ = adaround_layer(w, inputs, targets, iters=300, balance=balance)
+        with torch.no_grad():
+            out = torch.nn.functional.linear(inputs[16:], q, layer.bias)
+        return float((((out - targets[16:]) ** 2).sum(1) / (targets[16:] ** 2).sum(1)).mean())
+
+    # measured: 0.00492 balanced against 0.00558 unbalanced
+    assert typical_error(balance=True) < 0.95 * typical_error(balance=False)

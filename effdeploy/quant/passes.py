@@ -133,6 +133,7 @@ def adaround_layer(
     warmup: float = 0.2,
     beta: tuple[float, float] = (20.0, 2.0),
     seed: int = 0,
+    balance: bool = False,
 ) -> tuple[torch.Tensor, dict]:
     """Learn the rounding of one layer's weights; returns the fake-quantized weight and stats.
 
@@ -158,14 +159,25 @@ def adaround_layer(
         h = (v >= 0).float() if hard else _rectified_sigmoid(v)
         return torch.clamp(floor + h, -qmax, qmax) * s
 
+    # balance: each sample's error relative to its own target energy (mean weight 1), so that a
+    # few samples with huge activations do not decide the rounding for all the others
+    if balance:
+        energy = targets.flatten(1).pow(2).sum(1).clamp_min(1e-12)
+        wts = (1.0 / energy) / (1.0 / energy).mean()
+    else:
+        wts = torch.ones(targets.shape[0])
+
+    def err_of(out: torch.Tensor, tgt: torch.Tensor, wt: torch.Tensor) -> torch.Tensor:
+        return ((out - tgt) ** 2).flatten(1).sum(1).mul(wt).mean()
+
     with torch.no_grad():
         nearest = torch.clamp(torch.round(scaled), -qmax, qmax) * s
-        err_nearest = float(F.mse_loss(fn(inputs, nearest), targets))
+        err_nearest = float(err_of(fn(inputs, nearest), targets, wts)) / targets[0].numel()
     warm = int(warmup * iters)
     for it in range(iters):
         idx = torch.randint(0, n, (min(batch_size, n),), generator=gen)
         out = fn(inputs[idx], qweight(hard=False))
-        rec = F.mse_loss(out, targets[idx], reduction="none").flatten(1).sum(1).mean()
+        rec = err_of(out, targets[idx], wts[idx])
         if it < warm:
             reg = torch.zeros(())
         else:
@@ -177,7 +189,7 @@ def adaround_layer(
         opt.step()
     with torch.no_grad():
         result = qweight(hard=True)
-        err = float(F.mse_loss(fn(inputs, result), targets))
+        err = float(err_of(fn(inputs, result), targets, wts)) / targets[0].numel()
         flipped = float(((result / s).round() != (nearest / s).round()).float().mean())
     return result.detach(), {"mse_nearest": err_nearest, "mse_adaround": err, "flipped": flipped, "batch": batch_size}
 
@@ -192,9 +204,13 @@ def adaround(
     positions: int = 8192,
     max_samples: int = 2048,
     seed: int = 0,
+    balance: bool = False,
 ) -> dict[str, dict]:
     """AdaRound every selected layer in network order; keeps the learned rounding only where it
-    reconstructs the layer's output better than round-to-nearest."""
+    reconstructs the layer's output better than round-to-nearest. ``balance`` weighs each image's
+    error by 1 / its target energy (see ``adaround_layer``): where a few calibration images carry
+    activations hundreds of times larger than the rest (SE before, trained from scratch), the
+    plain squared error is theirs alone."""
     names = [n for n in sim.weights if layers is None or n in layers]
     report = {}
     for n in progress(names, desc="adaround", unit="layer"):
@@ -205,7 +221,7 @@ def adaround(
         inputs, targets = _samples(inputs, targets, max_samples, seed)
         # the layer's own (float) bias stays in both sides of the reconstruction
         qweight, stats = adaround_layer(
-            w, inputs, targets, iters=iters, batch_size=batch_size, positions=positions, seed=seed
+            w, inputs, targets, iters=iters, batch_size=batch_size, positions=positions, seed=seed, balance=balance
         )
         if stats["mse_adaround"] <= stats["mse_nearest"]:
             w.qweight = qweight
@@ -254,6 +270,7 @@ def range_search(
     tail_ratio: float = 0.5,
     clip_ratio: float = 1.5,
     max_images: int = 256,
+    objective: str = "relative",
 ) -> dict[str, dict]:
     """Move the ranges of activation points where that reproduces the float logits better:
     narrower for heavy-tailed points (99.9th percentile under ``tail_ratio`` of the range), wider,
@@ -263,8 +280,10 @@ def range_search(
     candidate points, the final objective and, for each point it changed,
     ``{"from": [lo, hi], "to": [lo, hi]}``.
 
-    The objective is the mean over images of |q - f|^2 / |f|^2 on the logits, so that the few
-    images with extreme activations count as much as any other, not more. ``rounds`` sweeps let a
+    The objective is a mean over images, so that the few images with extreme activations count as
+    much as any other, not more: ``"relative"``, |q - f|^2 / |f|^2 on the logits (the output
+    SNR's error), or ``"kl"``, KL(softmax(f) || softmax(q)) (the prediction: an error that does
+    not move the probabilities costs nothing). ``rounds`` sweeps let a
     point move further once the points after it have adapted.
     """
     x = torch.cat(batches)[:max_images]
@@ -272,9 +291,16 @@ def range_search(
         target = sim(x)
     norm = (target**2).sum(1).clamp_min(1e-12)
 
+    if objective not in ("relative", "kl"):
+        raise ValueError(f"range_search objective must be 'relative' or 'kl', got {objective!r}")
+    logp = torch.log_softmax(target, 1)
+
     def loss() -> float:
         with sim.running(quantized=True):
-            return float((((sim(x) - target) ** 2).sum(1) / norm).mean())
+            out = sim(x)
+        if objective == "kl":
+            return float((logp.exp() * (logp - torch.log_softmax(out, 1))).sum(1).mean())
+        return float((((out - target) ** 2).sum(1) / norm).mean())
 
     def heavy(p) -> bool:
         span = max(abs(p.qparams.lo), abs(p.qparams.hi))

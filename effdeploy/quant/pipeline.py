@@ -33,6 +33,8 @@ class Method:
     adaround: bool
     bias_correction: bool
     range_search: bool = False
+    range_search_objective: str = "relative"
+    adaround_balance: bool = False
 
 
 def methods_for(run: RunConfig, weight_bits: int) -> list[Method]:
@@ -47,6 +49,8 @@ def methods_for(run: RunConfig, weight_bits: int) -> list[Method]:
             adaround=use_ada,
             bias_correction=q.bias_correction,
             range_search=q.range_search,
+            range_search_objective=q.range_search_objective,
+            adaround_balance=q.adaround_balance,
         ),
     ]
 
@@ -66,8 +70,10 @@ def calibrated_sim(model, q, method: Method, precision: str, cal_batches: list[t
         act_overrides=[(o.pattern, o.act_bits) for o in q.overrides],
     )
     sim.calibrate(cal_batches, observer=method.observer, weight_observer=method.weight_observer)
-    searched = range_search(sim, cal_batches) if method.range_search else None
-    ada = adaround(sim, cal_batches, iters=q.adaround_iters) if method.adaround else None
+    searched = range_search(sim, cal_batches, objective=method.range_search_objective) if method.range_search else None
+    ada = (
+        adaround(sim, cal_batches, iters=q.adaround_iters, balance=method.adaround_balance) if method.adaround else None
+    )
     if method.bias_correction:
         bias_correction(sim, cal_batches)
     return sim, searched, ada
