@@ -39,7 +39,6 @@ def _passes(method: dict) -> str:
 
 def cross_validate(run, precisions: list[str], folds: int, seed: int, *, log=print) -> dict:
     """Pooled out-of-fold logits of "ours" and min-max at each precision (see the module doc)."""
-    from effdeploy.config import parse_precision
     from effdeploy.data.datasets import load_images
     from effdeploy.metrics import snr_db, top1_agreement, topk_accuracy
     from effdeploy.model.checkpoints import load_checkpoint
@@ -55,8 +54,7 @@ def cross_validate(run, precisions: list[str], folds: int, seed: int, *, log=pri
         ref = torch.cat([model(x[i : i + 50]) for i in range(0, len(x), 50)]).numpy()
     rows = []
     for precision in precisions:
-        wb, _ = parse_precision(precision)
-        for method in pipeline.methods_for(run, wb):
+        for method in pipeline.methods_for(run, precision):
             t0 = time.perf_counter()
             out = np.zeros_like(ref)
             for i, held in enumerate(parts):

@@ -84,7 +84,7 @@ def main() -> None:
         changes[key] = _value(value)
     try:
         q = parse(QuantConfig, {**run.quant.model_dump(), **changes}, f"{args.config} with --set")
-        wb, _ = parse_precision(args.precision)
+        parse_precision(args.precision)
     except EffdeployError as err:
         raise SystemExit(f"error: {err}") from None
     run = run.model_copy(update={"quant": q})
@@ -94,7 +94,7 @@ def main() -> None:
     x = torch.from_numpy(x)
     cal = load_calibration_set(q.calibration).as_dataset().inputs(pre)[: q.calibration_images]
     batches = [torch.from_numpy(cal[i : i + 64]) for i in range(0, len(cal), 64)]
-    method = next(m for m in pipeline.methods_for(run, wb) if m.name == "ours")
+    method = next(m for m in pipeline.methods_for(run, args.precision) if m.name == "ours")
     t0 = time.perf_counter()
     sim, _, _ = pipeline.calibrated_sim(model, q, method, args.precision, batches)
     with sim.running(False):
@@ -105,7 +105,7 @@ def main() -> None:
         "precision": args.precision,
         "changes": changes,
         "method": asdict(method),
-        "bias_correction": q.bias_correction,
+        "bias_correction": method.bias_correction,
         "images": len(labels),
         "seed": args.seed,
         "float_top1": topk_accuracy(ref, labels, 1),

@@ -272,6 +272,29 @@ class QuantConfig(_Strict):
     runtimes: tuple[Literal["onnxruntime", "litert"], ...] = ("onnxruntime", "litert")
     # the tools users would otherwise pick, on the same model and calibration set
     peers: bool = True
+    # changes to this section for one precision only, e.g. {w4a8: {range_search_objective: kl}}:
+    # what a bit width needs differently (see for_precision)
+    by_precision: dict[str, dict[str, Any]] = {}
+
+    @model_validator(mode="after")
+    def _check_by_precision(self) -> QuantConfig:
+        import re
+
+        for precision, changes in self.by_precision.items():
+            if not re.match(PRECISION_RE, precision):
+                raise ValueError(f"by_precision: {precision!r} is not w<2-8>a<2-16> (e.g. w4a8)")
+            fixed = sorted({"precisions", "by_precision"} & set(changes))
+            if fixed:
+                raise ValueError(f"by_precision.{precision}: {', '.join(fixed)} cannot change per precision")
+            self.for_precision(precision)  # every key and value must be valid here as well
+        return self
+
+    def for_precision(self, precision: str) -> QuantConfig:
+        """This section as it applies to ``precision``: its ``by_precision`` changes made."""
+        changes = self.by_precision.get(precision)
+        if not changes:
+            return self
+        return QuantConfig.model_validate({**self.model_dump(exclude={"by_precision"}), **changes})
 
     @field_validator("precisions")
     @classmethod

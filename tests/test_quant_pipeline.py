@@ -162,6 +162,9 @@ def test_quantize_missing_checkpoint(run: RunConfig, tmp_path: Path) -> None:
         ("observer: median", "observer"),
         ("overrides: [{pattern: '('}]", "overrides"),
         ("adaround_iter: 5", "adaround_iter"),
+        ("by_precision: {w4a9x: {range_search: true}}", "by_precision"),
+        ("by_precision: {w4a8: {range_search_objective: snr}}", "range_search_objective"),
+        ("by_precision: {w4a8: {precisions: [w8a8]}}", "precisions"),
     ],
 )
 def test_quantize_bad_config_is_one_line(tmp_path: Path, repo_root: Path, quant_yaml: str, field: str) -> None:
@@ -208,3 +211,21 @@ def test_holdout_never_measures_an_image_its_quantization_saw(run: RunConfig, re
     assert not any(torch.equal(img, other) for img in a for other in b)
     for r in report["rows"]:
         assert 0 <= r["top1"] <= 1 and 0 <= r["agreement"] <= 1 and r["output_snr_db"] > 0
+
+
+def test_by_precision_changes_only_its_precision() -> None:
+    """A ``by_precision`` entry changes the method of that precision and no other."""
+    from effdeploy.config import QuantConfig
+    from effdeploy.quant.pipeline import methods_for
+
+    q = parse(
+        QuantConfig,
+        {"range_search": True, "by_precision": {"w4a8": {"range_search_objective": "kl", "bias_correction": False}}},
+        "test",
+    )
+    run = RunConfig(quant=q)
+    ours = {p: next(m for m in methods_for(run, p) if m.name == "ours") for p in ("w8a8", "w4a8")}
+    assert (ours["w8a8"].range_search_objective, ours["w8a8"].bias_correction) == ("relative", True)
+    assert (ours["w4a8"].range_search_objective, ours["w4a8"].bias_correction) == ("kl", False)
+    assert ours["w4a8"].range_search and ours["w4a8"].adaround and not ours["w8a8"].adaround
+    assert q.for_precision("w8a8") is q

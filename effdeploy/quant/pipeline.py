@@ -37,8 +37,10 @@ class Method:
     adaround_balance: bool = False
 
 
-def methods_for(run: RunConfig, weight_bits: int) -> list[Method]:
-    q = run.quant
+def methods_for(run: RunConfig, precision: str) -> list[Method]:
+    """The baseline and our method at ``precision`` (the quant section's ``by_precision`` applied)."""
+    q = run.quant.for_precision(precision)
+    weight_bits, _ = parse_precision(precision)
     use_ada = q.adaround == "on" or (q.adaround == "auto" and weight_bits < 8)
     return [
         Method("minmax", "minmax", "minmax", adaround=False, bias_correction=False),
@@ -61,6 +63,7 @@ def calibrated_sim(model, q, method: Method, precision: str, cal_batches: list[t
     the range-search and AdaRound reports (None where the pass did not run)."""
     from effdeploy.quant.passes import adaround, bias_correction, range_search
 
+    q = q.for_precision(precision)
     wb, ab = parse_precision(precision)
     sim = QuantSim(
         model,
@@ -147,7 +150,7 @@ def quantize_run(run: RunConfig, out_dir: str | Path, *, log=print) -> dict:
     peers: list[dict] = []
     for precision in q.precisions:
         wb, ab = parse_precision(precision)
-        for method in methods_for(run, wb):
+        for method in methods_for(run, precision):
             t0 = time.perf_counter()
             sim, searched, ada = calibrated_sim(model, q, method, precision, cal_batches)
             with torch.inference_mode():
