@@ -43,15 +43,12 @@ def _commit() -> str:
         return "-"
 
 
-def validation_images(run, n: int, seed: int = 0):
-    """Up to ``n`` validation-split images (pixels' model inputs and labels), none of them a
-    calibration image, drawn with ``seed``."""
-    from effdeploy.data.calibration import load_calibration_set
+def validation_images(run, cal_files: set[str], n: int, seed: int = 0):
+    """Up to ``n`` validation-split images (model inputs and labels), none of them one of
+    ``cal_files`` (the calibration set's relative paths), drawn with ``seed``."""
     from effdeploy.train.trainer import load_split
 
     _, val = load_split(run)
-    cal = load_calibration_set(run.quant.calibration)
-    cal_files = set(cal.provenance.get("files", ()))
     keep = np.arange(len(val))
     if val.source is not None and cal_files:
         rel = [f.relative_to(val.source.root).as_posix() for f in val.source.files]
@@ -85,7 +82,7 @@ def table(rows: list[dict], name: str, config: Path, dropped: bool) -> list[str]
         top1, ref = 100 * r["top1"], 100 * r["float_top1"]
         lines.append(
             f"| {r.get('commit', '-')} | {r['precision']} | {sets} | {label} | "
-            f"{'yes' if r['bias_correction'] else 'no'} | {r['images']} | {ref:.2f}% | {top1:.2f}% | "
+            f"{'yes' if m['bias_correction'] else 'no'} | {r['images']} | {ref:.2f}% | {top1:.2f}% | "
             f"{top1 - ref:+.2f} | {100 * r['agreement']:.2f}% | {r['output_snr_db']:.2f} dB |"
         )
     return lines
@@ -132,9 +129,10 @@ def main() -> None:
     run = run.model_copy(update={"quant": q})
     model = load_checkpoint(run.checkpoint).eval()
     pre = model.config.preprocess
-    x, labels, dropped = validation_images(run, args.images, args.seed)
+    cal_set = load_calibration_set(q.calibration)
+    x, labels, dropped = validation_images(run, set(cal_set.provenance.get("files", ())), args.images, args.seed)
     x = torch.from_numpy(x)
-    cal = load_calibration_set(q.calibration).as_dataset().inputs(pre)[: q.calibration_images]
+    cal = cal_set.as_dataset().inputs(pre)[: q.calibration_images]
     batches = [torch.from_numpy(cal[i : i + 64]) for i in range(0, len(cal), 64)]
     method = next(m for m in pipeline.methods_for(run, args.precision) if m.name == "ours")
     t0 = time.perf_counter()
@@ -147,7 +145,6 @@ def main() -> None:
         "precision": args.precision,
         "changes": changes,
         "method": asdict(method),
-        "bias_correction": method.bias_correction,
         "images": len(labels),
         "seed": args.seed,
         "float_top1": topk_accuracy(ref, labels, 1),

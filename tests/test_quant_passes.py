@@ -175,7 +175,7 @@ def test_range_search_kl_objective_is_the_prediction_divergence(tiny_config: dic
         range_search(sim, [x], objective="mse")
 
 
-def test_adaround_balance_serves_the_typical_images(setup) -> None:
+def test_adaround_balance_serves_the_typical_images() -> None:
     """A few images carrying 100x the signal decide an unbalanced rounding; balanced, each image's
     error counts relative to its own energy and the other images are reconstructed better."""
     from effdeploy.quant.fakequant import weight_scales
