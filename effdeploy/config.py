@@ -255,9 +255,13 @@ class QuantConfig(_Strict):
     bias_correction: bool = True
     # output-aware activation ranges: narrow heavy tails, widen clipped ones (quant/passes.py: range_search)
     range_search: bool = False
-    # what the range search keeps low: "relative", the mean over images of |q - f|^2 / |f|^2 on
+    # what the range search (and learn_ranges) keeps low: "relative", the mean over images of |q - f|^2 / |f|^2 on
     # the logits (output SNR), or "kl", the mean KL divergence of the softmax (the prediction)
     range_search_objective: Literal["relative", "kl"] = "relative"
+    # all activation ranges learned together by gradient descent on that same objective, after
+    # the search (quant/passes.py: learn_ranges): for a loss spread thinly over every point
+    learn_ranges: bool = False
+    learn_ranges_steps: int = Field(500, ge=1)
     adaround: Literal["auto", "on", "off"] = "auto"  # auto: on when weights have fewer than 8 bits
     # weigh each calibration image's reconstruction error by 1 / its target energy, so that a few
     # images with huge activations do not decide the rounding (quant/passes.py: adaround_layer)

@@ -107,8 +107,9 @@ def method_label(method: dict, wider: list[str] | tuple[str, ...] = ()) -> str:
     """``ours``, with the optional passes it ran named (range search is off by default) and the
     layers a per-layer override keeps wider than the precision says (``wider_layers``)."""
     label = method["name"]
-    if method.get("range_search"):
-        label += " + range search" + (" (KL)" if method.get("range_search_objective") == "kl" else "")
+    passes = [p for p, key in (("range search", "range_search"), ("learned ranges", "learn_ranges")) if method.get(key)]
+    if passes:
+        label += " + " + " + ".join(passes) + (" (KL)" if method.get("range_search_objective") == "kl" else "")
     return label + (f" ({', '.join(wider)}: 8-bit weights)" if wider else "")
 
 

@@ -54,6 +54,27 @@ def fake_quant_act(x: torch.Tensor, qp: ActQParams) -> torch.Tensor:
     return (q - qp.zero_point) * qp.scale
 
 
+def _round_ste(t: torch.Tensor) -> torch.Tensor:
+    """Round in the forward pass, identity in the backward pass (straight-through estimator)."""
+    return t + (torch.round(t) - t).detach()
+
+
+def fake_quant_act_ste(x: torch.Tensor, qp: ActQParams) -> torch.Tensor:
+    """``fake_quant_act`` with straight-through rounding: gradients pass to x inside the range."""
+    q = torch.clamp(_round_ste(x / qp.scale) + qp.zero_point, qp.qmin, qp.qmax)
+    return (q - qp.zero_point) * qp.scale
+
+
+def fake_quant_act_learnable(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, qp: ActQParams) -> torch.Tensor:
+    """``fake_quant_act`` over a range [lo, hi] given as tensors, differentiable in x, lo and hi
+    (LSQ+: straight-through rounding; the clamp passes the range's gradient to the clipped values).
+    The forward values equal ``fake_quant_act(x, act_qparams(lo, hi, bits))``."""
+    scale = (hi - lo) / (qp.qmax - qp.qmin)
+    zero_point = torch.clamp(_round_ste(qp.qmin - lo / scale), qp.qmin, qp.qmax)
+    q = torch.clamp(_round_ste(x / scale) + zero_point, qp.qmin, qp.qmax)
+    return (q - zero_point) * scale
+
+
 def weight_qmax(bits: int) -> int:
     return 2 ** (bits - 1) - 1
 

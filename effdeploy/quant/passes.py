@@ -241,6 +241,25 @@ def _samples(inputs: torch.Tensor, targets: torch.Tensor, max_samples: int, seed
     return inputs[idx], targets[idx]
 
 
+def output_error(target: torch.Tensor, objective: str):
+    """The per-image error of quantized logits against the float ``target`` logits (a function of
+    the quantized logits, differentiable): ``"relative"``, |q - f|^2 / |f|^2 (the output SNR's
+    error, each image counting the same however large its logits), or ``"kl"``,
+    KL(softmax(f) || softmax(q)) (the prediction: an error that does not move the probabilities
+    costs nothing)."""
+    if objective not in ("relative", "kl"):
+        raise ValueError(f"range objective must be 'relative' or 'kl', got {objective!r}")
+    norm = (target**2).sum(1).clamp_min(1e-12)
+    logp = torch.log_softmax(target, 1)
+
+    def error(out: torch.Tensor, idx: torch.Tensor | slice = slice(None)) -> torch.Tensor:
+        if objective == "kl":
+            return (logp[idx].exp() * (logp[idx] - torch.log_softmax(out, 1))).sum(1)
+        return ((out - target[idx]) ** 2).sum(1) / norm[idx]
+
+    return error
+
+
 RANGE_FACTORS = (0.7, 0.5, 0.35, 0.25, 0.15, 0.1)
 # widening candidates: geometric steps from a point's clipped range to its observed min-max
 WIDEN_STEPS = (0.25, 0.5, 0.75, 1.0)
@@ -289,18 +308,11 @@ def range_search(
     x = torch.cat(batches)[:max_images]
     with sim.running(quantized=False):
         target = sim(x)
-    norm = (target**2).sum(1).clamp_min(1e-12)
-
-    if objective not in ("relative", "kl"):
-        raise ValueError(f"range_search objective must be 'relative' or 'kl', got {objective!r}")
-    logp = torch.log_softmax(target, 1)
+    per_image = output_error(target, objective)
 
     def loss() -> float:
         with sim.running(quantized=True):
-            out = sim(x)
-        if objective == "kl":
-            return float((logp.exp() * (logp - torch.log_softmax(out, 1))).sum(1).mean())
-        return float((((out - target) ** 2).sum(1) / norm).mean())
+            return float(per_image(sim(x)).mean())
 
     def heavy(p) -> bool:
         span = max(abs(p.qparams.lo), abs(p.qparams.hi))
@@ -336,3 +348,79 @@ def range_search(
                 changed.setdefault(name, {"from": [start.lo, start.hi]})["to"] = [keep.lo, keep.hi]
     sim.set_weights(quantized=sim.mode == "quant")  # bias grids follow the new input scales
     return {"candidates": len(movable), "objective": best, "changed": changed}
+
+
+def learn_ranges(
+    sim: QuantSim,
+    batches: list[torch.Tensor],
+    *,
+    steps: int = 300,
+    lr: float = 0.01,
+    batch_size: int = 64,
+    max_images: int = 512,
+    objective: str = "relative",
+    check_every: int = 50,
+    seed: int = 0,
+) -> dict:
+    """Learn every activation range at once by gradient descent on the output error (LSQ+ style:
+    straight-through rounding, the clamp's gradient moves the range), with the weights as they are.
+
+    Where a model's quantization loss is spread thinly over all its activation points (no single
+    one holds it, so moving one range at a time finds little), the ranges have to move together.
+    Each point's lo and hi are learned as log-multipliers of the calibrated ones (a range keeps
+    its sign and a one-sided one stays one-sided; sigmoid outputs and the input keep their fixed
+    ranges). The objective, ``output_error``, is measured on the calibration images every
+    ``check_every`` steps and the best set of ranges is kept, so the pass never ends worse than
+    it started on those images. Returns the learned points, the objective before and after, and
+    ``{"from": [lo, hi], "to": [lo, hi]}`` for each point that moved."""
+    x = torch.cat(batches)[:max_images]
+    with sim.running(quantized=False):
+        target = sim(x)
+    error = output_error(target, objective)
+    names = [n for n, p in sim.points.items() if p.fixed is None and p.kind not in ("input", "logits") and p.qparams]
+    start = {n: sim.points[n].qparams for n in names}
+    logs = {n: torch.zeros(2, requires_grad=True) for n in names}
+
+    def ranges() -> dict[str, tuple[float, float]]:
+        with torch.no_grad():
+            return {n: (start[n].lo * float(logs[n][0].exp()), start[n].hi * float(logs[n][1].exp())) for n in names}
+
+    def evaluate() -> float:
+        for n, (lo, hi) in ranges().items():
+            sim.points[n].qparams = act_qparams(lo, hi, sim.points[n].bits)
+        with sim.running(quantized=True):
+            return float(error(sim(x)).mean())
+
+    best = before = evaluate()
+    best_ranges = ranges()
+    opt = torch.optim.Adam(list(logs.values()), lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    params = [p for p in sim.model.parameters()]
+    grads = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        for step in progress(range(1, steps + 1), desc="learn ranges", unit="step"):
+            idx = torch.randint(0, x.shape[0], (min(batch_size, x.shape[0]),), generator=gen)
+            sim.learnable = {n: (start[n].lo * logs[n][0].exp(), start[n].hi * logs[n][1].exp()) for n in names}
+            with sim.running(quantized=True), torch.enable_grad():
+                loss = error(sim.model(x[idx]), idx).mean()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+            sim.learnable = None
+            opt.step()
+            if step % check_every == 0 or step == steps:
+                trial = evaluate()
+                if trial < best:
+                    best, best_ranges = trial, ranges()
+    finally:
+        sim.learnable = None
+        for p, g in zip(params, grads, strict=True):
+            p.requires_grad_(g)
+    changed = {}
+    for n, (lo, hi) in best_ranges.items():
+        qp = sim.points[n].qparams = act_qparams(lo, hi, sim.points[n].bits)
+        if qp != start[n]:
+            changed[n] = {"from": [start[n].lo, start[n].hi], "to": [qp.lo, qp.hi]}
+    sim.set_weights(quantized=sim.mode == "quant")  # bias grids follow the new input scales
+    return {"points": len(names), "objective_before": before, "objective": best, "changed": changed}

@@ -35,6 +35,7 @@ class Method:
     range_search: bool = False
     range_search_objective: str = "relative"
     adaround_balance: bool = False
+    learn_ranges: bool = False
 
 
 def methods_for(run: RunConfig, precision: str) -> list[Method]:
@@ -53,15 +54,17 @@ def methods_for(run: RunConfig, precision: str) -> list[Method]:
             range_search=q.range_search,
             range_search_objective=q.range_search_objective,
             adaround_balance=q.adaround_balance,
+            learn_ranges=q.learn_ranges,
         ),
     ]
 
 
 def calibrated_sim(model, q, method: Method, precision: str, cal_batches: list[torch.Tensor]):
     """The simulation of ``method`` at ``precision``, calibrated on ``cal_batches`` and through its
-    passes (range search, AdaRound, bias correction, in that order). Returns the simulation and
-    the range-search and AdaRound reports (None where the pass did not run)."""
-    from effdeploy.quant.passes import adaround, bias_correction, range_search
+    passes (range search, range learning, AdaRound, bias correction, in that order). Returns the
+    simulation and the range-search and AdaRound reports (None where the pass did not run; the
+    range-learning report is the search report's ``"learned"``)."""
+    from effdeploy.quant.passes import adaround, bias_correction, learn_ranges, range_search
 
     q = q.for_precision(precision)
     wb, ab = parse_precision(precision)
@@ -74,6 +77,9 @@ def calibrated_sim(model, q, method: Method, precision: str, cal_batches: list[t
     )
     sim.calibrate(cal_batches, observer=method.observer, weight_observer=method.weight_observer)
     searched = range_search(sim, cal_batches, objective=method.range_search_objective) if method.range_search else None
+    if method.learn_ranges:
+        learned = learn_ranges(sim, cal_batches, steps=q.learn_ranges_steps, objective=method.range_search_objective)
+        searched = {**(searched or {}), "learned": learned}
     ada = (
         adaround(sim, cal_batches, iters=q.adaround_iters, balance=method.adaround_balance) if method.adaround else None
     )

@@ -32,6 +32,8 @@ from effdeploy.quant.fakequant import (
     ActQParams,
     act_qparams,
     fake_quant_act,
+    fake_quant_act_learnable,
+    fake_quant_act_ste,
     fake_quant_bias,
     fake_quant_weight,
     fixed_unit_qparams,
@@ -196,6 +198,9 @@ class QuantSim:
         self.mode = "float"  # float | range | hist | quant
         self.quantize_acts = True
         self._capture: dict[str, torch.Tensor] | None = None
+        # ranges being learned (passes.learn_ranges): point -> (lo, hi) tensors; while set, every
+        # quantizer rounds straight-through so that gradients reach the ranges upstream
+        self.learnable: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
         self._handles = []
         self.attach_hooks()
         self._find_layer_inputs()
@@ -268,7 +273,11 @@ class QuantSim:
             p.stats.update_hist(x)
         elif self.mode == "quant" and self.quantize_acts:
             qp = p.fixed or p.qparams
-            if qp is not None:
+            if self.learnable is not None and name in self.learnable:
+                x = fake_quant_act_learnable(x, *self.learnable[name], qp)
+            elif self.learnable is not None and qp is not None:
+                x = fake_quant_act_ste(x, qp)
+            elif qp is not None:
                 x = fake_quant_act(x, qp)
         if self._capture is not None:
             self._capture[name] = x.detach()
