@@ -287,6 +287,10 @@ def quantize(
         bool | None,
         typer.Option("--range-search/--no-range-search", help="output-aware activation ranges (narrow or widen)"),
     ] = None,
+    learn_ranges: Annotated[
+        bool | None,
+        typer.Option("--learn-ranges/--no-learn-ranges", help="all activation ranges learned together on the output"),
+    ] = None,
 ) -> None:
     """Post-training quantization (int8/int4) with calibration data; layer-by-layer SNR."""
     from effdeploy import report
@@ -301,6 +305,7 @@ def quantize(
         eval_images=eval_images,
         adaround_iters=adaround_iters,
         range_search=range_search,
+        learn_ranges=learn_ranges,
     )
     if updates:
         run = run.model_copy(update={"quant": parse(QuantConfig, {**run.quant.model_dump(), **updates}, "options")})

@@ -137,6 +137,21 @@ def test_quantize_with_tflite_and_peers(run: RunConfig, tmp_path: Path) -> None:
     assert sum("error" not in p for p in report["peers"]) >= 4
 
 
+def test_quantize_learned_ranges_are_the_ones_reported(run: RunConfig, tmp_path: Path) -> None:
+    """``learn_ranges`` runs in the pipeline, says what it moved, and the ranges the report (and
+    so every emitter, which reads the same points) carries are the learned ones."""
+    quant = run.quant.model_copy(update={"precisions": ("w8a8",), "learn_ranges": True, "learn_ranges_steps": 5})
+    report = quantize_run(run.model_copy(update={"quant": quant}), tmp_path / "out", log=lambda m: None)
+    minmax, ours = report["results"]
+    assert ours["method"]["learn_ranges"] and not minmax["method"]["learn_ranges"]
+    learned = ours["range_search"]["learned"]
+    assert learned["points"] > 0 and learned["objective"] <= learned["objective_before"]
+    ranges = {r["name"]: r["range"] for r in ours["ranges"]}
+    assert learned["changed"]
+    for name, change in learned["changed"].items():
+        assert ranges[name] == pytest.approx(change["to"])
+
+
 def test_quantize_reorders_when_placement_differs(run: RunConfig, tmp_path: Path) -> None:
     run = run.model_copy(
         update={"quant": run.quant.model_copy(update={"se_placement": "before", "precisions": ("w8a8",)})}
@@ -165,6 +180,7 @@ def test_quantize_missing_checkpoint(run: RunConfig, tmp_path: Path) -> None:
         ("by_precision: {w4a9x: {range_search: true}}", "by_precision"),
         ("by_precision: {w4a8: {range_search_objective: snr}}", "range_search_objective"),
         ("by_precision: {w4a8: {precisions: [w8a8]}}", "precisions"),
+        ("learn_ranges_steps: 0", "learn_ranges_steps"),
     ],
 )
 def test_quantize_bad_config_is_one_line(tmp_path: Path, repo_root: Path, quant_yaml: str, field: str) -> None:
@@ -220,7 +236,10 @@ def test_by_precision_changes_only_its_precision() -> None:
 
     q = parse(
         QuantConfig,
-        {"range_search": True, "by_precision": {"w4a8": {"range_search_objective": "kl", "bias_correction": False}}},
+        {
+            "range_search": True,
+            "by_precision": {"w4a8": {"range_search_objective": "kl", "bias_correction": False, "learn_ranges": True}},
+        },
         "test",
     )
     run = RunConfig(quant=q)
@@ -228,4 +247,5 @@ def test_by_precision_changes_only_its_precision() -> None:
     assert (ours["w8a8"].range_search_objective, ours["w8a8"].bias_correction) == ("relative", True)
     assert (ours["w4a8"].range_search_objective, ours["w4a8"].bias_correction) == ("kl", False)
     assert ours["w4a8"].range_search and ours["w4a8"].adaround and not ours["w8a8"].adaround
+    assert ours["w4a8"].learn_ranges and not ours["w8a8"].learn_ranges
     assert q.for_precision("w8a8") is q
