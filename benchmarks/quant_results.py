@@ -18,9 +18,10 @@ from effdeploy.report import method_label, wider_layers
 
 def run_name(report: dict) -> str:
     """The model name, with the optional passes of its "ours" rows (so that two runs of one config,
-    with and without range search, are two files)."""
+    with and without range search or learned ranges, are two files)."""
     ours = [r["method"] for r in report["results"] if r["method"]["name"] == "ours"]
-    return report["name"] + ("_range_search" if any(m.get("range_search") for m in ours) else "")
+    passes = [key for key in ("range_search", "learn_ranges") if any(m.get(key) for m in ours)]
+    return "_".join([report["name"], *passes])
 
 
 def _pct(v: float) -> str:

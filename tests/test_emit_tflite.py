@@ -143,10 +143,11 @@ def test_low_bit_weights_in_int8_containers_are_exact(calibrated: dict, tmp_path
         assert same, n
     # the 4-bit convs and FCs are int4 tensors either way (an 8-bit classifier does not make the
     # whole model int8), and the re-packed model runs in LiteRT
+    from ai_edge_litert import schema_py_generated as schema
     from ai_edge_litert.tools import flatbuffer_utils
 
     fb = flatbuffer_utils.read_model_from_bytearray(bytearray(path.read_bytes()))
-    int4 = [t for g in fb.subgraphs for t in g.tensors if t.type == 17]  # TensorType.INT4
+    int4 = [t for g in fb.subgraphs for t in g.tensors if t.type == schema.TensorType.INT4]
     assert len(int4) == len(low) - len(depthwise)
     # and each decodes (two signed nibbles a byte) to one 4-bit layer's simulated values
     refs = [np.sort(sim.weights[n].quantized().numpy().ravel()) for n in low if n not in depthwise]
