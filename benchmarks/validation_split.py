@@ -1,7 +1,7 @@
 """Choose a quantization knob on the validation split, never on the test images.
 
     python benchmarks/validation_split.py --config configs/cifar10_b0w05_before.yaml --precision w8a8 \\
-        --set range_search_objective=relative
+        --set learn_ranges=false
 
 Runs "ours" exactly as `effdeploy quantize` would with the config (its quant section, with any
 ``--set key=value`` changes: the candidate being judged), calibrated on the config's calibration
