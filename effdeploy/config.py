@@ -255,8 +255,9 @@ class QuantConfig(_Strict):
     bias_correction: bool = True
     # output-aware activation ranges: narrow heavy tails, widen clipped ones (quant/passes.py: range_search)
     range_search: bool = False
-    # what the range search (and learn_ranges) keeps low: "relative", the mean over images of |q - f|^2 / |f|^2 on
-    # the logits (output SNR), or "kl", the mean KL divergence of the softmax (the prediction)
+    # what the range search and learn_ranges keep low: "relative", the mean over images of
+    # |q - f|^2 / |f|^2 on the logits (output SNR), or "kl", the mean KL divergence of the softmax
+    # (the prediction)
     range_search_objective: Literal["relative", "kl"] = "relative"
     # all activation ranges learned together by gradient descent on that same objective, after
     # the search (quant/passes.py: learn_ranges): for a loss spread thinly over every point

@@ -354,7 +354,7 @@ def learn_ranges(
     sim: QuantSim,
     batches: list[torch.Tensor],
     *,
-    steps: int = 300,
+    steps: int = 500,
     lr: float = 0.01,
     batch_size: int = 64,
     max_images: int = 512,
@@ -395,7 +395,7 @@ def learn_ranges(
     best_ranges = ranges()
     opt = torch.optim.Adam(list(logs.values()), lr=lr)
     gen = torch.Generator().manual_seed(seed)
-    params = [p for p in sim.model.parameters()]
+    params = list(sim.model.parameters())
     grads = [p.requires_grad for p in params]
     for p in params:
         p.requires_grad_(False)
