@@ -241,6 +241,16 @@ def _samples(inputs: torch.Tensor, targets: torch.Tensor, max_samples: int, seed
     return inputs[idx], targets[idx]
 
 
+def _adjustable(sim: QuantSim) -> list[str]:
+    """The activation points whose range a pass may move: calibrated, not fixed (sigmoid outputs),
+    and neither the input (the pixel grid) nor the logits (their extremes are the predictions)."""
+    return [
+        n
+        for n, p in sim.points.items()
+        if p.fixed is None and p.kind not in ("input", "logits") and p.qparams is not None
+    ]
+
+
 def output_error(target: torch.Tensor, objective: str):
     """The per-image error of quantized logits against the float ``target`` logits (a function of
     the quantized logits, differentiable): ``"relative"``, |q - f|^2 / |f|^2 (the output SNR's
@@ -326,11 +336,7 @@ def range_search(
         out = [(start.lo * f, start.hi * f) for f in factors] if heavy(p) else []
         return out + (_widened(start, p.stats, widen) if clipped(p) else [])
 
-    movable = [
-        name
-        for name, p in sim.points.items()
-        if p.fixed is None and p.kind not in ("input", "logits") and p.qparams is not None and (heavy(p) or clipped(p))
-    ]
+    movable = [name for name in _adjustable(sim) if heavy(sim.points[name]) or clipped(sim.points[name])]
     changed: dict[str, dict] = {}
     best = loss()
     for _ in range(rounds):
@@ -377,11 +383,16 @@ def learn_ranges(
     with sim.running(quantized=False):
         target = sim(x)
     error = output_error(target, objective)
-    names = [n for n, p in sim.points.items() if p.fixed is None and p.kind not in ("input", "logits") and p.qparams]
+    names = _adjustable(sim)
     start = {n: sim.points[n].qparams for n in names}
     logs = {n: torch.zeros(2, requires_grad=True) for n in names}
 
+    def bounds(n: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The range being learned, as tensors with gradients (float32)."""
+        return start[n].lo * logs[n][0].exp(), start[n].hi * logs[n][1].exp()
+
     def ranges() -> dict[str, tuple[float, float]]:
+        """The same ranges in double precision, as the runtimes' qparams get them."""
         with torch.no_grad():
             return {n: (start[n].lo * float(logs[n][0].exp()), start[n].hi * float(logs[n][1].exp())) for n in names}
 
@@ -399,20 +410,23 @@ def learn_ranges(
     grads = [p.requires_grad for p in params]
     for p in params:
         p.requires_grad_(False)
+    # one quantized-mode entry for the whole loop: weights and bias grids change only when
+    # evaluate() sets new ranges, and its own (nested) entry and exit rebuild them then
     try:
-        for step in progress(range(1, steps + 1), desc="learn ranges", unit="step"):
-            idx = torch.randint(0, x.shape[0], (min(batch_size, x.shape[0]),), generator=gen)
-            sim.learnable = {n: (start[n].lo * logs[n][0].exp(), start[n].hi * logs[n][1].exp()) for n in names}
-            with sim.running(quantized=True), torch.enable_grad():
-                loss = error(sim.model(x[idx]), idx).mean()
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-            sim.learnable = None
-            opt.step()
-            if step % check_every == 0 or step == steps:
-                trial = evaluate()
-                if trial < best:
-                    best, best_ranges = trial, ranges()
+        with sim.running(quantized=True):
+            for step in progress(range(1, steps + 1), desc="learn ranges", unit="step"):
+                idx = torch.randint(0, x.shape[0], (min(batch_size, x.shape[0]),), generator=gen)
+                sim.learnable = {n: bounds(n) for n in names}
+                with torch.enable_grad():
+                    loss = error(sim.model(x[idx]), idx).mean()
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                sim.learnable = None
+                opt.step()
+                if step % check_every == 0 or step == steps:
+                    trial = evaluate()
+                    if trial < best:
+                        best, best_ranges = trial, ranges()
     finally:
         sim.learnable = None
         for p, g in zip(params, grads, strict=True):
