@@ -263,6 +263,9 @@ class QuantConfig(_Strict):
     # the search (quant/passes.py: learn_ranges): for a loss spread thinly over every point
     learn_ranges: bool = False
     learn_ranges_steps: int = Field(500, ge=1)
+    # no range past a sigmoid's saturation for the tensors a sigmoid reads (SE gate logits, SiLU
+    # inputs' lower end): no output changes, the grid inside gets finer (quant/sim.py)
+    saturate_sigmoid_inputs: bool = True
     adaround: Literal["auto", "on", "off"] = "auto"  # auto: on when weights have fewer than 8 bits
     # weigh each calibration image's reconstruction error by 1 / its target energy, so that a few
     # images with huge activations do not decide the rounding (quant/passes.py: adaround_layer)

@@ -153,13 +153,19 @@ def print_quant(report: dict) -> None:
             f"{r['weight_bytes'] / 1e6:.2f} MB",
         )
     _console().print(t)
-    rt = Table(title="runtime artifacts vs the simulation of their configuration (same held-out images)")
-    for col in ("precision", "file", "runtime", "agreement w/ sim", "SNR vs float", "gap to sim", "options"):
-        rt.add_column(col, justify="left" if col in ("precision", "file", "runtime", "options") else "right")
+    rt = Table(
+        title="runtime artifacts vs the simulation of their configuration (same held-out images; "
+        "contract: agreement >= 99%, |gap| < 1 dB)"
+    )
+    cols = ("precision", "file", "runtime", "agreement w/ sim", "SNR vs float", "gap to sim", "contract", "options")
+    for col in cols:
+        rt.add_column(
+            col, justify="left" if col in ("precision", "file", "runtime", "contract", "options") else "right"
+        )
     for r in report["results"]:
         for a in r.get("artifacts", {}).values():
             if "skipped" in a:
-                rt.add_row(r["precision"], "-", a["runtime"], "", "", "", f"skipped: {a['skipped']}")
+                rt.add_row(r["precision"], "-", a["runtime"], "", "", "", "", f"skipped: {a['skipped']}")
                 continue
             opts = ", ".join(f"{k}={v}" for k, v in a["session_options"].items() if v is not None)
             rt.add_row(
@@ -169,6 +175,7 @@ def print_quant(report: dict) -> None:
                 f"{100 * a['agreement_with_simulation']:.2f}%",
                 f"{a['output_snr_db']:.2f} dB",
                 f"{a['snr_gap_db']:+.2f} dB",
+                {True: "met", False: "missed"}.get(a.get("within_contract"), "-"),
                 opts,
             )
     if rt.row_count:

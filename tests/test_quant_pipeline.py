@@ -106,6 +106,7 @@ def test_quantize_report(run: RunConfig, tmp_path: Path) -> None:
             assert (out / a["file"]).is_file() and a["runtime"] == "onnxruntime"
             assert a["session_options"]["session.x64quantprecision"] == 1
             assert 0 <= a["agreement_with_simulation"] <= 1
+            assert a["within_contract"] == (a["agreement_with_simulation"] >= 0.99 and abs(a["snr_gap_db"]) < 1)
             # per-layer SNR read from onnxruntime for every point the QDQ model materialises
             assert set(a["layer_snr_db"]) == set(r["layer_snr_db"]) - {"classifier"}
         else:

@@ -271,5 +271,5 @@ def onnxruntime_layer_snr(path: str | Path, sim: QuantSim, batches) -> dict[str,
     for x in batches:
         _, ref = sim.run_capture(x, quantized=False)
         for point, value in run(x.numpy()).items():
-            acc.add(point, ref[point].numpy(), value)
+            acc.add(point, sim.points[point].reference(ref[point]).numpy(), value)
     return acc.result()

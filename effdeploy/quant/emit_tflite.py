@@ -372,5 +372,5 @@ def litert_layer_snr(path: str | Path, tensor_map: dict[str, str], sim: QuantSim
             if name not in values or point in seen:
                 continue  # one tensor per point (a RESHAPE can repeat its input's numbers)
             seen.add(point)
-            acc.add(point, _nhwc(ref[point]), values[name])
+            acc.add(point, _nhwc(sim.points[point].reference(ref[point])), values[name])
     return acc.result()

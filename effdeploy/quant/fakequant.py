@@ -8,6 +8,7 @@ zero is exactly representable (padding, ReLU) -- a one-sided range simply has lo
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -47,6 +48,14 @@ def fixed_unit_qparams(bits: int, signed: bool = True) -> ActQParams:
     """[0, 1) with scale 1/2^bits: the fixed output quantization TFLite uses for LOGISTIC."""
     qmin = -(2 ** (bits - 1)) if signed else 0
     return ActQParams(1.0 / 2**bits, qmin, qmin, qmin + 2**bits - 1)
+
+
+def sigmoid_saturation(bits: int) -> float:
+    """The |x| past which sigmoid(x) lies within a quarter step of an end of the fixed output grid
+    of ``bits`` (``fixed_unit_qparams``), so that it rounds to that end: a sigmoid's input needs no
+    range beyond it. ln(2^(bits+2) - 1): 6.93 at 8 bits (the grid's ends are reached from 6.24 on;
+    the quarter step is a margin for the runtimes' own sigmoid approximations), 4.14 at 4 bits."""
+    return math.log(2 ** (bits + 2) - 1)
 
 
 def fake_quant_act(x: torch.Tensor, qp: ActQParams) -> torch.Tensor:

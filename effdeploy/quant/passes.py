@@ -28,7 +28,7 @@ import torch
 from torch.nn import functional as F
 
 from effdeploy.progress import progress
-from effdeploy.quant.fakequant import act_qparams, weight_qmax
+from effdeploy.quant.fakequant import weight_qmax
 from effdeploy.quant.observers import quantile
 from effdeploy.quant.sim import QuantSim, WeightLayer
 
@@ -329,7 +329,10 @@ def range_search(
         return max(abs(quantile(p.stats, 0.001)), abs(quantile(p.stats, 0.999))) < tail_ratio * span
 
     def clipped(p) -> bool:
-        return max(abs(p.stats.lo), abs(p.stats.hi)) > clip_ratio * max(abs(p.qparams.lo), abs(p.qparams.hi))
+        lo, hi = p.stats.lo, p.stats.hi
+        if p.limit is not None:  # values past a sigmoid's saturation are not clipped information
+            lo, hi = max(lo, p.limit[0]), min(hi, p.limit[1])
+        return max(abs(lo), abs(hi)) > clip_ratio * max(abs(p.qparams.lo), abs(p.qparams.hi))
 
     def candidates(p) -> list[tuple[float, float]]:
         start = p.qparams
@@ -345,7 +348,9 @@ def range_search(
             start = p.qparams
             keep = start
             for lo, hi in candidates(p):
-                p.qparams = act_qparams(lo, hi, p.bits)
+                p.set_range(lo, hi)
+                if p.qparams == keep:
+                    continue  # a candidate past the point's limit can land on the range it has
                 trial = loss()
                 if trial < best:
                     best, keep = trial, p.qparams
@@ -387,9 +392,12 @@ def learn_ranges(
     start = {n: sim.points[n].qparams for n in names}
     logs = {n: torch.zeros(2, requires_grad=True) for n in names}
 
+    limits = {n: sim.points[n].limit or (-math.inf, math.inf) for n in names}
+
     def bounds(n: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """The range being learned, as tensors with gradients (float32)."""
-        return start[n].lo * logs[n][0].exp(), start[n].hi * logs[n][1].exp()
+        """The range being learned, as tensors with gradients (float32), within the point's limit."""
+        lo, hi = start[n].lo * logs[n][0].exp(), start[n].hi * logs[n][1].exp()
+        return lo.clamp(min=limits[n][0]), hi.clamp(max=limits[n][1])
 
     def ranges() -> dict[str, tuple[float, float]]:
         """The same ranges in double precision, as the runtimes' qparams get them."""
@@ -398,7 +406,7 @@ def learn_ranges(
 
     def evaluate() -> float:
         for n, (lo, hi) in ranges().items():
-            sim.points[n].qparams = act_qparams(lo, hi, sim.points[n].bits)
+            sim.points[n].set_range(lo, hi)
         with sim.running(quantized=True):
             return float(error(sim(x)).mean())
 
@@ -433,7 +441,8 @@ def learn_ranges(
             p.requires_grad_(g)
     changed = {}
     for n, (lo, hi) in best_ranges.items():
-        qp = sim.points[n].qparams = act_qparams(lo, hi, sim.points[n].bits)
+        sim.points[n].set_range(lo, hi)
+        qp = sim.points[n].qparams
         if qp != start[n]:
             changed[n] = {"from": [start[n].lo, start[n].hi], "to": [qp.lo, qp.hi]}
     sim.set_weights(quantized=sim.mode == "quant")  # bias grids follow the new input scales

@@ -36,6 +36,7 @@ class Method:
     range_search_objective: str = "relative"
     adaround_balance: bool = False
     learn_ranges: bool = False
+    saturate_sigmoid_inputs: bool = False
 
 
 def methods_for(run: RunConfig, precision: str) -> list[Method]:
@@ -55,6 +56,7 @@ def methods_for(run: RunConfig, precision: str) -> list[Method]:
             range_search_objective=q.range_search_objective,
             adaround_balance=q.adaround_balance,
             learn_ranges=q.learn_ranges,
+            saturate_sigmoid_inputs=q.saturate_sigmoid_inputs,
         ),
     ]
 
@@ -74,6 +76,7 @@ def calibrated_sim(model, q, method: Method, precision: str, cal_batches: list[t
         act_bits=ab,
         weight_overrides=[(o.pattern, o.weight_bits) for o in q.overrides],
         act_overrides=[(o.pattern, o.act_bits) for o in q.overrides],
+        saturate_sigmoid_inputs=method.saturate_sigmoid_inputs,
     )
     sim.calibrate(cal_batches, observer=method.observer, weight_observer=method.weight_observer)
     searched = range_search(sim, cal_batches, objective=method.range_search_objective) if method.range_search else None
@@ -230,7 +233,11 @@ def quantize_run(run: RunConfig, out_dir: str | Path, *, log=print) -> dict:
         },
         "calibration": {"file": str(q.calibration), "images": len(cal)},
         "config": json.loads(q.model_dump_json()),
-        "snr_definition": "10*log10(sum(ref^2) / sum((q - ref)^2)) in dB, ref = float (BN-folded) network",
+        "snr_definition": (
+            "10*log10(sum(ref^2) / sum((q - ref)^2)) in dB, ref = float (BN-folded) network; at a point "
+            "with a limit (a sigmoid's input, ranges['limit']) ref is clamped to it: past it the "
+            "sigmoid cannot tell values apart"
+        ),
         "runtime": "simulation (PyTorch fake-quant); ONNX QDQ in onnxruntime, full-integer TFLite in LiteRT (CPU)",
         "results": results,
         "peers": peers,
@@ -297,15 +304,23 @@ def runtime_artifacts(
     return out
 
 
+# what a runtime artifact owes the simulation of its configuration (the contract)
+CONTRACT_AGREEMENT = 0.99
+CONTRACT_SNR_GAP_DB = 1.0
+
+
 def _compare(info: dict, out: np.ndarray, labels: np.ndarray, sim_logits: np.ndarray, float_logits: np.ndarray) -> dict:
+    agreement = top1_agreement(sim_logits, out)
+    gap = snr_db(float_logits, sim_logits) - snr_db(float_logits, out)
     return {
         **info,
         "top1": topk_accuracy(out, labels, 1),
-        "agreement_with_simulation": top1_agreement(sim_logits, out),
+        "agreement_with_simulation": agreement,
         "snr_vs_simulation_db": snr_db(sim_logits, out),
         "output_snr_db": snr_db(float_logits, out),
-        "snr_gap_db": snr_db(float_logits, sim_logits) - snr_db(float_logits, out),
+        "snr_gap_db": gap,
         "agreement_with_float": top1_agreement(float_logits, out),
+        "within_contract": bool(agreement >= CONTRACT_AGREEMENT and abs(gap) < CONTRACT_SNR_GAP_DB),
     }
 
 
@@ -317,7 +332,7 @@ def layer_snr(sim: QuantSim, batches: list[torch.Tensor]) -> dict[str, float]:
         _, fq = sim.run_capture(x, quantized=False)
         _, qq = sim.run_capture(x, quantized=True)
         for name, ref in fq.items():
-            acc.add(name, ref.numpy(), qq[name].numpy())
+            acc.add(name, sim.points[name].reference(ref).numpy(), qq[name].numpy())
     return acc.result()
 
 
