@@ -309,9 +309,18 @@ CONTRACT_AGREEMENT = 0.99
 CONTRACT_SNR_GAP_DB = 1.0
 
 
+def within_contract(artifact: dict) -> bool:
+    """Whether a runtime artifact reproduces its simulation: top-1 agreement and SNR gap."""
+    return bool(
+        artifact["agreement_with_simulation"] >= CONTRACT_AGREEMENT
+        and abs(artifact["snr_gap_db"]) < CONTRACT_SNR_GAP_DB
+    )
+
+
 def _compare(info: dict, out: np.ndarray, labels: np.ndarray, sim_logits: np.ndarray, float_logits: np.ndarray) -> dict:
     agreement = top1_agreement(sim_logits, out)
     gap = snr_db(float_logits, sim_logits) - snr_db(float_logits, out)
+    row = {"agreement_with_simulation": agreement, "snr_gap_db": gap}
     return {
         **info,
         "top1": topk_accuracy(out, labels, 1),
@@ -320,7 +329,7 @@ def _compare(info: dict, out: np.ndarray, labels: np.ndarray, sim_logits: np.nda
         "output_snr_db": snr_db(float_logits, out),
         "snr_gap_db": gap,
         "agreement_with_float": top1_agreement(float_logits, out),
-        "within_contract": bool(agreement >= CONTRACT_AGREEMENT and abs(gap) < CONTRACT_SNR_GAP_DB),
+        "within_contract": within_contract(row),
     }
 
 
