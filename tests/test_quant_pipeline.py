@@ -250,3 +250,37 @@ def test_by_precision_changes_only_its_precision() -> None:
     assert ours["w4a8"].range_search and ours["w4a8"].adaround and not ours["w8a8"].adaround
     assert ours["w4a8"].learn_ranges and not ours["w8a8"].learn_ranges
     assert q.for_precision("w8a8") is q
+
+
+def test_summary_marks_runtime_cells_outside_the_contract(repo_root: Path) -> None:
+    """The headline table says 'contract missed' on a runtime cell below 99% agreement or 1 dB
+    or more from its simulation, and only there."""
+    results = _load_benchmark(repo_root, "quant_results")
+
+    def artifact(agreement: float, gap: float) -> dict:
+        return {"top1": 0.8, "output_snr_db": 12.0 - gap, "agreement_with_simulation": agreement, "snr_gap_db": gap}
+
+    ours = {"name": "ours", "range_search": False, "learn_ranges": False}
+    report = {
+        "name": "m",
+        "float": {"top1": 0.8},
+        "results": [
+            {
+                "precision": "w8a8",
+                "method": ours,
+                "top1_delta": 0.0,
+                "output_snr_db": 12.0,
+                "artifacts": {"onnx_qdq": artifact(0.995, 0.2), "tflite_int8": artifact(0.979, 0.2)},
+            },
+            {
+                "precision": "w4a8",
+                "method": ours,
+                "top1_delta": 0.0,
+                "output_snr_db": 12.0,
+                "artifacts": {"onnx_qdq": artifact(1.0, 1.1), "tflite_int8": artifact(0.99, -0.5)},
+            },
+        ],
+    }
+    w8, w4 = (line.split(" | ") for line in results.headline_rows(report))
+    assert "contract missed" not in w8[5] and "contract missed" in w8[6]
+    assert "contract missed" in w4[5] and "contract missed" not in w4[6]
