@@ -110,6 +110,8 @@ def method_label(method: dict, wider: list[str] | tuple[str, ...] = ()) -> str:
     passes = [p for p, key in (("range search", "range_search"), ("learned ranges", "learn_ranges")) if method.get(key)]
     if passes:
         label += " + " + " + ".join(passes) + (" (KL)" if method.get("range_search_objective") == "kl" else "")
+    if label.startswith("ours") and method.get("saturate_sigmoid_inputs") is False:
+        label += ", no sigmoid saturation"  # on by default (reports before it existed lack the key)
     return label + (f" ({', '.join(wider)}: 8-bit weights)" if wider else "")
 
 
