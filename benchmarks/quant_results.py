@@ -18,10 +18,13 @@ from effdeploy.report import method_label, wider_layers
 
 
 def run_name(report: dict) -> str:
-    """The model name, with the optional passes of its "ours" rows (so that two runs of one config,
-    with and without range search or learned ranges, are two files)."""
+    """The model name, with the optional passes of its "ours" rows and ``no_saturation`` where they
+    ran without sigmoid saturation (so that two runs of one config, with and without a pass, are
+    two files)."""
     ours = [r["method"] for r in report["results"] if r["method"]["name"] == "ours"]
     passes = [key for key in ("range_search", "learn_ranges") if any(m.get(key) for m in ours)]
+    if any(m.get("saturate_sigmoid_inputs") is False for m in ours):  # on by default
+        passes.append("no_saturation")
     return "_".join([report["name"], *passes])
 
 
