@@ -13,7 +13,7 @@ import json
 import shutil
 from pathlib import Path
 
-from effdeploy.quant.pipeline import within_contract
+from effdeploy.metrics import within_contract
 from effdeploy.report import method_label, wider_layers
 
 

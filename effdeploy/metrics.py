@@ -60,3 +60,17 @@ def top1_agreement(reference_logits: np.ndarray, test_logits: np.ndarray) -> flo
 
 def max_abs_diff(reference: np.ndarray, test: np.ndarray) -> float:
     return float(np.max(np.abs(np.asarray(reference, np.float64) - np.asarray(test, np.float64))))
+
+
+# what a runtime artifact owes the simulation of its configuration (the quantizer's contract)
+CONTRACT_AGREEMENT = 0.99
+CONTRACT_SNR_GAP_DB = 1.0
+
+
+def within_contract(artifact: dict) -> bool:
+    """Whether a runtime artifact (a report row with its agreement and SNR gap against its
+    simulation) reproduces the simulation: top-1 agreement >= 99% and |SNR gap| < 1 dB."""
+    return bool(
+        artifact["agreement_with_simulation"] >= CONTRACT_AGREEMENT
+        and abs(artifact["snr_gap_db"]) < CONTRACT_SNR_GAP_DB
+    )

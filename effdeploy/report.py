@@ -133,6 +133,8 @@ def print_quant(report: dict) -> None:
     """The quantize table: one row per precision and method, beside float."""
     from rich.table import Table
 
+    from effdeploy.metrics import within_contract
+
     held = report["held_out"]
     t = Table(
         title=f"{report['name']} (se_placement={report['se_placement']}): {held['images']} held-out images, "
@@ -177,7 +179,7 @@ def print_quant(report: dict) -> None:
                 f"{100 * a['agreement_with_simulation']:.2f}%",
                 f"{a['output_snr_db']:.2f} dB",
                 f"{a['snr_gap_db']:+.2f} dB",
-                {True: "met", False: "missed"}.get(a.get("within_contract"), "-"),
+                "met" if within_contract(a) else "missed",
                 opts,
             )
     if rt.row_count:

@@ -329,9 +329,8 @@ def range_search(
         return max(abs(quantile(p.stats, 0.001)), abs(quantile(p.stats, 0.999))) < tail_ratio * span
 
     def clipped(p) -> bool:
-        lo, hi = p.stats.lo, p.stats.hi
-        if p.limit is not None:  # values past a sigmoid's saturation are not clipped information
-            lo, hi = max(lo, p.limit[0]), min(hi, p.limit[1])
+        # values past a sigmoid's saturation (the point's limit) are not clipped information
+        lo, hi = p.within_limit(p.stats.lo, p.stats.hi)
         return max(abs(lo), abs(hi)) > clip_ratio * max(abs(p.qparams.lo), abs(p.qparams.hi))
 
     def candidates(p) -> list[tuple[float, float]]:

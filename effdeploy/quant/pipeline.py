@@ -21,7 +21,7 @@ import torch
 
 from effdeploy.config import RunConfig, parse_precision
 from effdeploy.errors import EffdeployError
-from effdeploy.metrics import SnrAccumulator, snr_db, top1_agreement, topk_accuracy
+from effdeploy.metrics import SnrAccumulator, snr_db, top1_agreement, topk_accuracy, within_contract
 from effdeploy.quant.sim import QuantSim
 
 
@@ -304,33 +304,17 @@ def runtime_artifacts(
     return out
 
 
-# what a runtime artifact owes the simulation of its configuration (the issue's contract)
-CONTRACT_AGREEMENT = 0.99
-CONTRACT_SNR_GAP_DB = 1.0
-
-
-def within_contract(artifact: dict) -> bool:
-    """Whether a runtime artifact reproduces its simulation: top-1 agreement and SNR gap."""
-    return bool(
-        artifact["agreement_with_simulation"] >= CONTRACT_AGREEMENT
-        and abs(artifact["snr_gap_db"]) < CONTRACT_SNR_GAP_DB
-    )
-
-
 def _compare(info: dict, out: np.ndarray, labels: np.ndarray, sim_logits: np.ndarray, float_logits: np.ndarray) -> dict:
-    agreement = top1_agreement(sim_logits, out)
-    gap = snr_db(float_logits, sim_logits) - snr_db(float_logits, out)
-    row = {"agreement_with_simulation": agreement, "snr_gap_db": gap}
-    return {
+    row = {
         **info,
         "top1": topk_accuracy(out, labels, 1),
-        "agreement_with_simulation": agreement,
+        "agreement_with_simulation": top1_agreement(sim_logits, out),
         "snr_vs_simulation_db": snr_db(sim_logits, out),
         "output_snr_db": snr_db(float_logits, out),
-        "snr_gap_db": gap,
+        "snr_gap_db": snr_db(float_logits, sim_logits) - snr_db(float_logits, out),
         "agreement_with_float": top1_agreement(float_logits, out),
-        "within_contract": within_contract(row),
     }
+    return {**row, "within_contract": within_contract(row)}
 
 
 @torch.no_grad()

@@ -82,11 +82,15 @@ class ActPoint:
     # the widest range worth holding (a sigmoid's input: where the sigmoid saturates); None: any
     limit: tuple[float, float] | None = None
 
+    def within_limit(self, lo: float, hi: float) -> tuple[float, float]:
+        """[lo, hi] cut to ``limit`` (unchanged where the point has none)."""
+        if self.limit is None:
+            return lo, hi
+        return max(lo, self.limit[0]), min(hi, self.limit[1])
+
     def set_range(self, lo: float, hi: float) -> None:
         """Quantize over [lo, hi] (within ``limit``): how every observer and pass sets a range."""
-        if self.limit is not None:
-            lo, hi = max(lo, self.limit[0]), min(hi, self.limit[1])
-        self.qparams = act_qparams(lo, hi, self.bits)
+        self.qparams = act_qparams(*self.within_limit(lo, hi), self.bits)
 
     def reference(self, x: torch.Tensor) -> torch.Tensor:
         """The float tensor as far as its readers can tell values apart (clamped to ``limit``):
