@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test test-fast lint export quantize quantize-lite0 train reference-results profile clean
+.PHONY: venv test test-fast lint export quantize quantize-lite0 train replicates reference-results profile clean
 
 # torch is installed first and pinned: its CPU build lies on this machine's disk, while an
 # unpinned torch (pulled in by a dependency) would fetch a multi-GB CUDA build.
@@ -50,6 +50,23 @@ $(MODELS)/cifar10_b0w05_before_reorder/model.safetensors: $(MODELS)/cifar10_b0w0
 
 train: $(foreach m,$(REF),$(MODELS)/$(m)/model.safetensors) $(MODELS)/cifar10_b0w05_before_reorder/model.safetensors
 	$(MAKE) reference-results MODELS=$(MODELS)
+
+# ---- replicates for the SE-placement study: seeds 1-2 per placement, a reordered twin of every
+# SE-after seed, and depth coefficient 2 in both placements. Each run resumes from its last epoch.
+STUDY := models/study
+REPLICATES := cifar10_b0w05_after_s1 cifar10_b0w05_after_s1_reorder cifar10_b0w05_before_s1 \
+  cifar10_b0w05_after_s2 cifar10_b0w05_after_s2_reorder cifar10_b0w05_before_s2 \
+  cifar10_b0w05_none_s1 cifar10_b0w05_none_s2 cifar10_b0d2w05_after cifar10_b0d2w05_before
+
+$(STUDY)/%_reorder/model.safetensors: $(STUDY)/%/model.safetensors
+	$(BIN)/effdeploy reorder --checkpoint $< --to before --config configs/study/$*.yaml \
+	  --out $(STUDY)/$*_reorder
+
+$(STUDY)/%/model.safetensors: | $(STAMP)
+	$(BIN)/effdeploy train --config configs/study/$*.yaml --out $(STUDY)/$* \
+	  $(if $(wildcard $(STUDY)/$*/train_state.pt),--resume) $(if $(TRAIN_THREADS),--threads $(TRAIN_THREADS))
+
+replicates: $(foreach m,$(REPLICATES),$(STUDY)/$(m)/model.safetensors)
 
 reference-results: $(STAMP)
 	$(BIN)/python benchmarks/reference_models.py --models-dir $(MODELS) --out benchmarks/results/reference_models
