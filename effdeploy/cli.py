@@ -174,10 +174,6 @@ def evaluate(
         )
 
 
-def _not_built(verb: str, issue: str) -> None:
-    raise EffdeployError(f"'effdeploy {verb}' is not built yet ({issue})")
-
-
 @app.command()
 def train(
     config: Annotated[Path, typer.Option("--config", "-c", help="run config YAML (model, data, train)")],
@@ -316,15 +312,61 @@ def quantize(
 
 
 @app.command()
-def bench() -> None:
-    """Latency, SNR and accuracy on CPU runtimes, Android over adb and Coral Edge TPU."""
-    _not_built("bench", "see the benchmark issue")
+def bench(
+    config: Annotated[Path, typer.Option("--config", "-c", help="run config whose artifacts are benchmarked")] = DEFAULT_CONFIG,
+    artifacts: Annotated[
+        Path | None, typer.Option("--artifacts", help="artifact directory (default artifacts/<name>)")
+    ] = None,
+    backend: Annotated[
+        str | None, typer.Option("--backend", help="comma list: torch,onnxruntime,litert,android,edgetpu (default: the host's)")
+    ] = None,
+    serial: Annotated[
+        list[str] | None, typer.Option("--serial", help="Android device serial (repeatable; default: every device)")
+    ] = None,
+    threads: Annotated[int, typer.Option("--threads", help="intra-op threads, pinned for every runtime")] = 1,
+    runs: Annotated[int, typer.Option("--runs", help="timed runs per artifact")] = 50,
+    warmup: Annotated[int, typer.Option("--warmup", help="untimed runs before timing")] = 10,
+    images: Annotated[int, typer.Option("--images", help="eval images for SNR and top-1 (0: latency only)")] = 500,
+    repeats: Annotated[int, typer.Option("--repeats", help="timing rounds; medians differing by >10% flag noise")] = 2,
+    adb: Annotated[Path | None, typer.Option("--adb", help="adb binary (default: $ADB, PATH, then adbutils')")] = None,
+    benchmark_model: Annotated[
+        Path | None, typer.Option("--benchmark-model", help="LiteRT benchmark_model built for the phone")
+    ] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="report directory (default: the artifacts')")] = None,
+) -> None:
+    """Latency, SNR and accuracy of every artifact on CPU runtimes, Android over adb and Coral Edge TPU."""
+    from effdeploy.bench.pipeline import BenchOptions, bench_run
+    from effdeploy.config import load_run_config
+    from effdeploy.train.trainer import main_log
+
+    run = load_run_config(config)
+    opts = BenchOptions.parse(
+        backends=backend,
+        serials=serial,
+        threads=threads,
+        runs=runs,
+        warmup=warmup,
+        images=images,
+        repeats=repeats,
+        adb=adb,
+        benchmark_model=benchmark_model,
+    )
+    art = artifacts or Path("artifacts") / str(run.name)
+    bench_run(run, art, opts, out=out or art, log=main_log)
 
 
 @app.command()
-def compare() -> None:
-    """Compare SE placements (after / before / none) across bit widths and backends."""
-    _not_built("compare", "see the benchmark issue")
+def compare(
+    config: Annotated[Path, typer.Option("--config", "-c", help="study config (models, precisions)")] = Path(
+        "configs/study/compare.yaml"
+    ),
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="report directory")] = None,
+) -> None:
+    """SE placement (after / before / none) compared across seeds, bit widths and runtimes, with CIs."""
+    from effdeploy.study.compare import compare_run
+    from effdeploy.train.trainer import main_log
+
+    compare_run(config, out, log=main_log)
 
 
 def main() -> None:

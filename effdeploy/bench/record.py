@@ -1,0 +1,37 @@
+"""One bench record per (artifact, backend, device, threads, options).
+
+Every backend (host CPU runtimes, Android over adb, Coral Edge TPU) returns these, so one table
+and one JSON schema cover them all. A record that could not run keeps ``status`` as a one-line
+reason and ``None`` for what it could not measure.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class Record:
+    artifact: str  # file name (or "pytorch" for eager PyTorch)
+    format: str  # "pytorch" | "onnx" | "tflite"
+    precision: str  # "fp32" | "w8a8" | "w4a8" | "w4a4"
+    producer: str  # "effdeploy" | "onnxruntime quantize_static" | "ai-edge-quantizer"
+    backend: str  # registry name: torch | onnxruntime | litert | android | edgetpu
+    device: str  # host CPU model, or "<serial> (<phone model>)", or the Edge TPU
+    threads: int | None = None
+    options: dict = field(default_factory=dict)  # the exact runtime options used
+    status: str = "ok"  # "ok" or a one-line reason it did not run
+    size_mb: float | None = None
+    latency_ms: dict | None = None  # bench.stats.latency_stats (some tools give fewer fields)
+    peak_memory_mb: float | None = None
+    snr_db: float | None = None  # output SNR against float PyTorch on the same images
+    top1: float | None = None  # on the eval images, when labels are given
+    images: int | None = None  # how many images SNR and top-1 were measured on
+    notes: list[str] = field(default_factory=list)  # e.g. a delegate that took only part of the graph
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
