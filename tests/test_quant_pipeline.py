@@ -112,6 +112,29 @@ def test_quantize_report(run: RunConfig, tmp_path: Path) -> None:
         else:
             assert arts == {}
     assert report["held_out"]["images"] == 36 and report["calibration"]["images"] == 32
+    # per-image logits are stored for float and every variant, and reproduce the report's totals
+    with np.load(out / "outputs.npz") as z:
+        stored = {k: z[k] for k in z.files}
+    assert set(stored) == {
+        "labels",
+        "float",
+        "w8a8.minmax",
+        "w8a8.ours",
+        "w8a8.ours.onnx_qdq",
+        "w4a8.minmax",
+        "w4a8.ours",
+        "w4a8.ours.onnx_qdq",
+    }
+    assert stored["labels"].shape == (36,) and stored["float"].shape == (36, run.model.num_classes)
+    assert (stored["float"].argmax(1) == stored["labels"]).mean() == report["float"]["top1"]
+    for r in rows:
+        logits = stored[f"{r['precision']}.{r['method']['name']}"]
+        assert (logits.argmax(1) == stored["labels"]).mean() == r["top1"]
+        err = ((logits.astype(np.float64) - stored["float"]) ** 2).sum()
+        assert abs(10 * np.log10((stored["float"].astype(np.float64) ** 2).sum() / err) - r["output_snr_db"]) < 1e-3
+        if r["method"]["name"] == "ours":
+            qdq = stored[f"{r['precision']}.ours.onnx_qdq"]
+            assert (qdq.argmax(1) == stored["labels"]).mean() == r["artifacts"]["onnx_qdq"]["top1"]
 
 
 def test_quantize_with_tflite_and_peers(run: RunConfig, tmp_path: Path) -> None:

@@ -126,8 +126,10 @@ def run_peers(
     out_dir: Path,
     *,
     log=print,
+    outputs: dict[str, np.ndarray] | None = None,
 ) -> list[dict]:
-    """Quantize ``model`` with every peer for this precision and measure each on ``held_x``."""
+    """Quantize ``model`` with every peer for this precision and measure each on ``held_x``
+    (each peer's per-image logits go to ``outputs`` as ``{precision}.peer.{name}``)."""
     from effdeploy.runtime import load_backend
     from effdeploy.runtime.base import run_batched
 
@@ -162,6 +164,8 @@ def run_peers(
                 log(f"    peer {peer.name}: failed ({err})")
                 rows.append({"peer": peer.name, "tool": peer.tool, "precision": precision, "error": str(err)})
                 continue
+            if outputs is not None:
+                outputs[f"{precision}.peer.{peer.name}"] = out
             top1 = topk_accuracy(out, labels, 1)
             row = {
                 "peer": peer.name,

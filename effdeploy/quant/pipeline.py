@@ -157,6 +157,8 @@ def quantize_run(run: RunConfig, out_dir: str | Path, *, log=print) -> dict:
 
     results = []
     peers: list[dict] = []
+    # per-image logits of float and of every variant: paired statistics later need no rerun
+    outputs: dict[str, np.ndarray] = {"labels": np.asarray(held.labels, np.int64), "float": float_logits}
     for precision in q.precisions:
         wb, ab = parse_precision(precision)
         for method in methods_for(run, precision):
@@ -164,6 +166,7 @@ def quantize_run(run: RunConfig, out_dir: str | Path, *, log=print) -> dict:
             sim, searched, ada = calibrated_sim(model, q, method, precision, cal_batches)
             with torch.inference_mode():
                 logits = torch.cat([sim(b) for b in _batches(held_x, 500)]).numpy()
+            outputs[f"{precision}.{method.name}"] = logits
             layers = layer_snr(sim, snr_batches)
             artifacts = {}
             if method.name == "ours":
@@ -178,6 +181,7 @@ def quantize_run(run: RunConfig, out_dir: str | Path, *, log=print) -> dict:
                     logits,
                     float_logits,
                     snr_batches,
+                    outputs=outputs,
                 )
             ranked = sorted(((v, k) for k, v in layers.items()), key=lambda t: t[0])
             top1 = topk_accuracy(logits, held.labels, 1)
@@ -217,7 +221,9 @@ def quantize_run(run: RunConfig, out_dir: str | Path, *, log=print) -> dict:
         if q.peers:
             from effdeploy.quant.peers import run_peers
 
-            peers.extend(run_peers(model, cal_x, held_x, held.labels, float_logits, wb, ab, out_dir, log=log))
+            peers.extend(
+                run_peers(model, cal_x, held_x, held.labels, float_logits, wb, ab, out_dir, log=log, outputs=outputs)
+            )
 
     report = {
         "name": run.name,
@@ -246,8 +252,24 @@ def quantize_run(run: RunConfig, out_dir: str | Path, *, log=print) -> dict:
     from effdeploy.report import json_safe
 
     atomic_write_text(out_dir / "report.json", json.dumps(json_safe(report), indent=2, default=str))
+    save_outputs(outputs, out_dir / OUTPUTS)
     plot_block_snr(report, out_dir / "snr_per_block.png")
     return report
+
+
+OUTPUTS = "outputs.npz"
+
+
+def save_outputs(outputs: dict[str, np.ndarray], path: Path) -> None:
+    """Per-image logits as one compressed npz: ``labels``, ``float``, ``{precision}.{method}`` for
+    the simulation, ``{precision}.ours.{artifact}`` for the runtimes, ``{precision}.peer.{name}``."""
+    import io
+
+    from effdeploy.fileio import atomic_write_bytes
+
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **{k: np.ascontiguousarray(v) for k, v in sorted(outputs.items())})
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def runtime_artifacts(
@@ -261,6 +283,7 @@ def runtime_artifacts(
     sim_logits: np.ndarray,
     float_logits: np.ndarray,
     snr_batches: list[torch.Tensor],
+    outputs: dict[str, np.ndarray] | None = None,
 ) -> dict:
     """Emit each runtime artifact of this configuration, run it on the held-out images and
     compare with the simulation (the contract: top-1 agreement >= 99%, output SNR within 1 dB)."""
@@ -288,12 +311,15 @@ def runtime_artifacts(
             info = emit_tflite(sim, path, calibration)
         except EffdeployError as err:
             out["tflite_int8"] = {"runtime": "litert", "skipped": str(err)}
-            return out
-        tensor_map = info.pop("tensor_map")
-        info.update(runtime="litert", session_options={"delegate": "XNNPACK (LiteRT default, CPU)"})
-        logits["tflite_int8"] = run_batched(load_backend("litert", path), held_x, 256)
-        out["tflite_int8"] = _compare(info, logits["tflite_int8"], labels, sim_logits, float_logits)
-        out["tflite_int8"]["layer_snr_db"] = litert_layer_snr(path, tensor_map, sim, snr_batches)
+            info = None
+        if info is not None:
+            tensor_map = info.pop("tensor_map")
+            info.update(runtime="litert", session_options={"delegate": "XNNPACK (LiteRT default, CPU)"})
+            logits["tflite_int8"] = run_batched(load_backend("litert", path), held_x, 256)
+            out["tflite_int8"] = _compare(info, logits["tflite_int8"], labels, sim_logits, float_logits)
+            out["tflite_int8"]["layer_snr_db"] = litert_layer_snr(path, tensor_map, sim, snr_batches)
+    if outputs is not None:
+        outputs.update({f"{precision}.ours.{k}": v for k, v in logits.items()})
     if len(logits) == 2:
         # how well two integer runtimes of the same configuration agree with each other: the
         # yardstick for their agreement with the simulation (a one-step rounding difference
