@@ -64,9 +64,7 @@ def _as_bool(x, name: str) -> np.ndarray:
     return x.astype(bool)
 
 
-def bootstrap_ci(
-    outcomes, *, resamples: int = DEFAULT_RESAMPLES, level: float = DEFAULT_LEVEL, seed=0
-) -> Interval:
+def bootstrap_ci(outcomes, *, resamples: int = DEFAULT_RESAMPLES, level: float = DEFAULT_LEVEL, seed=0) -> Interval:
     """Percentile-bootstrap interval of top-1 (the mean of 0/1 ``outcomes``) over the images."""
     x = _as_bool(outcomes, "outcomes")
     n = x.size
