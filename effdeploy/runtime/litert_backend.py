@@ -59,6 +59,7 @@ class LiteRTBackend:
             raise EffdeployError(f"{path}: LiteRT cannot load it ({str(err).splitlines()[0][:200]})") from None
         self.path = path
         self._batch = None
+        self.session_options = {"num_threads": threads or 1, "xnnpack": use_xnnpack}
 
     def _prepare(self, batch: int) -> None:
         if batch != self._batch:

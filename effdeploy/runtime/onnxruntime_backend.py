@@ -30,7 +30,12 @@ class OnnxRuntimeBackend:
             opts.intra_op_num_threads = threads
         if x64quantprecision:
             opts.add_session_config_entry("session.x64quantprecision", "1")
-        self.session_options = {"intra_op_num_threads": threads, "session.x64quantprecision": int(x64quantprecision)}
+        self.session_options = {
+            "intra_op_num_threads": threads,
+            "session.x64quantprecision": int(x64quantprecision),
+            "graph_optimization_level": str(opts.graph_optimization_level).split(".")[-1],
+            "execution_mode": str(opts.execution_mode).split(".")[-1],
+        }
         try:
             self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         except Exception as err:

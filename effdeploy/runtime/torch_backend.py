@@ -15,6 +15,7 @@ class TorchBackend:
         self.model = model.eval()
         if threads:
             torch.set_num_threads(threads)
+        self.session_options = {"num_threads": torch.get_num_threads(), "mode": "eager", "dtype": "float32"}
 
     @torch.inference_mode()
     def run(self, images: np.ndarray) -> np.ndarray:
