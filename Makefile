@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test test-fast lint export quantize quantize-lite0 train replicates reference-results profile clean
+.PHONY: venv test test-fast lint export quantize quantize-lite0 train replicates reference-results profile compare clean
 
 # torch is installed first and pinned: its CPU build lies on this machine's disk, while an
 # unpinned torch (pulled in by a dependency) would fetch a multi-GB CUDA build.
@@ -89,6 +89,11 @@ $(MODELS)/imagenet_lite0/model.safetensors: | $(STAMP)
 
 quantize-lite0: $(MODELS)/imagenet_lite0/model.safetensors
 	$(BIN)/effdeploy quantize --config configs/imagenet_lite0.yaml
+
+# ---- the SE-placement study: every model of configs/study/compare.yaml at every precision, cached
+# per cell (a rerun quantizes only what changed or newly appeared), then compare.md / .json / PNGs
+compare: $(STAMP)
+	$(BIN)/effdeploy compare --config configs/study/compare.yaml
 
 clean:
 	rm -rf $(VENV) artifacts .pytest_cache
