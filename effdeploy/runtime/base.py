@@ -26,6 +26,7 @@ _MODULES = {
     "torch": "effdeploy.runtime.torch_backend",
     "onnxruntime": "effdeploy.runtime.onnxruntime_backend",
     "litert": "effdeploy.runtime.litert_backend",
+    "android": "effdeploy.runtime.android_backend",
 }
 
 
