@@ -328,6 +328,19 @@ def test_only_runs_the_selected_cells(study):
     assert cells["after_s0/w8a8"]["status"] == "measured"
 
 
+def no_logits(run, out_dir: Path, log) -> None:
+    (out_dir / "report.json").write_text("{}")
+
+
+def test_a_cell_without_logits_is_reported_not_read(study):
+    doc = compare_run("compare.yaml", log=lambda m: None, cell_fn=no_logits, only=["after_s0/w8a8"])
+    cell = next(c for c in doc["cells"] if c["label"] == "after_s0/w8a8")
+    assert cell["status"] == "failed"
+    assert cell["reason"] == f"the cell wrote no outputs.npz ({cell['dir']})"
+    assert doc["measures"] == {} and doc["verdicts"] == {"w8a8": [], "w4a8": []}
+    assert "- nothing measured yet" in Path("compare/compare.md").read_text()
+
+
 def test_checkpoint_placement_must_match_the_study(study):
     cfg = yaml.safe_load(Path("compare.yaml").read_text())
     cfg["models"][0]["placement"] = "before"  # after_s0 is an SE-after model

@@ -770,7 +770,10 @@ def compare_run(
     for cell, o in zip(cells, outcomes, strict=True):
         name, precision = cell.label.split("/")
         row = {"label": o.label, "key": o.key, "dir": o.dir, "status": "measured" if o.ok else o.status}
-        if o.ok:
+        lacking = [f for f in (OUTPUTS, "report.json") if o.ok and not (Path(o.dir) / f).is_file()]
+        if lacking:
+            row["status"], o.reason = "failed", f"the cell wrote no {' or '.join(lacking)} ({o.dir})"
+        if row["status"] == "measured":
             data[(name, precision)] = load_cell(cfg, models[name], precision, Path(o.dir))
         else:
             row["reason"] = o.reason
