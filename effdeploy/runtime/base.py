@@ -27,6 +27,7 @@ _MODULES = {
     "onnxruntime": "effdeploy.runtime.onnxruntime_backend",
     "litert": "effdeploy.runtime.litert_backend",
     "android": "effdeploy.runtime.android_backend",
+    "edgetpu": "effdeploy.runtime.edgetpu_backend",
 }
 
 
