@@ -507,6 +507,15 @@ def compiled_model(tmp_path: Path) -> Path:
     return write(tmp_path, "model_w8a8_edgetpu.tflite", g)
 
 
+def test_preflight_of_a_compiled_model_says_so(tmp_path) -> None:
+    p = preflight(compiled_model(tmp_path))
+    assert statuses(p) == [("CUSTOM", 1, NOT_SUPPORTED)]
+    assert p.problems[:2] == [
+        "already compiled for the Edge TPU (edgetpu-custom-op present): give the compiler's input",
+        "custom operator 'edgetpu-custom-op'",
+    ]
+
+
 def test_backend_refuses_a_model_not_compiled_for_the_edge_tpu(tmp_path) -> None:
     with pytest.raises(EffdeployError, match="not compiled for the Edge TPU"):
         load_backend("edgetpu", write(tmp_path, "m.tflite", stem_head()))

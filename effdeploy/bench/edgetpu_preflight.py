@@ -287,8 +287,7 @@ def _segment(g: _Graph, ops: list[tuple[object, str]], types: dict[int, str]) ->
         elif first is not None:
             status = AFTER_UNMAPPED
             after += 1
-        name = custom_op_name(g.fb.operatorCodes[op.opcodeIndex]) if kind == "CUSTOM" else kind
-        items.append((name, status))
+        items.append((kind, status))  # the compiler prints custom ops as CUSTOM
     tail = None
     if after:
         tail = f"{after} operators after op {first[0]} ({first[1]}) run on the CPU: one segment is mapped (no -a)"
