@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 
 from effdeploy.metrics import within_contract
+from effdeploy.quant.registry import all_passes, passes_of
 from effdeploy.report import method_label, wider_layers
 
 
@@ -22,7 +23,8 @@ def run_name(report: dict) -> str:
     ran without sigmoid saturation (so that two runs of one config, with and without a pass, are
     two files)."""
     ours = [r["method"] for r in report["results"] if r["method"]["name"] == "ours"]
-    passes = [key for key in ("range_search", "learn_ranges") if any(m.get(key) for m in ours)]
+    named = {p.name for p in all_passes() if p.label}
+    passes = [p.name for p in all_passes() if p.name in named and any(p.name in passes_of(m) for m in ours)]
     if any(m.get("saturate_sigmoid_inputs") is False for m in ours):  # on by default
         passes.append("no_saturation")
     return "_".join([report["name"], *passes])

@@ -106,8 +106,10 @@ def json_safe(obj):
 def method_label(method: dict, wider: list[str] | tuple[str, ...] = ()) -> str:
     """``ours``, with the optional passes it ran named (range search is off by default) and the
     layers a per-layer override keeps wider than the precision says (``wider_layers``)."""
+    from effdeploy.quant.registry import pass_labels, passes_of
+
     label = method["name"]
-    passes = [p for p, key in (("range search", "range_search"), ("learned ranges", "learn_ranges")) if method.get(key)]
+    passes = pass_labels(passes_of(method))
     if passes:
         label += " + " + " + ".join(passes) + (" (KL)" if method.get("range_search_objective") == "kl" else "")
     if label.startswith("ours") and method.get("saturate_sigmoid_inputs") is False:

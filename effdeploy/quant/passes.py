@@ -30,6 +30,7 @@ from torch.nn import functional as F
 from effdeploy.progress import progress
 from effdeploy.quant.fakequant import weight_qmax
 from effdeploy.quant.observers import quantile
+from effdeploy.quant.registry import register_pass
 from effdeploy.quant.sim import QuantSim, WeightLayer
 
 
@@ -446,3 +447,26 @@ def learn_ranges(
             changed[n] = {"from": [start[n].lo, start[n].hi], "to": [qp.lo, qp.hi]}
     sim.set_weights(quantized=sim.mode == "quant")  # bias grids follow the new input scales
     return {"points": len(names), "objective_before": before, "objective": best, "changed": changed}
+
+
+# ---- the registry entries: when each pass runs, in which order, and what it reads of the config
+
+
+@register_pass("range_search", order=10, label="range search", enabled=lambda q, wb: q.range_search)
+def _range_search_pass(sim: QuantSim, batches: list[torch.Tensor], q) -> dict:
+    return range_search(sim, batches, objective=q.range_search_objective)
+
+
+@register_pass("learn_ranges", order=20, label="learned ranges", enabled=lambda q, wb: q.learn_ranges)
+def _learn_ranges_pass(sim: QuantSim, batches: list[torch.Tensor], q) -> dict:
+    return learn_ranges(sim, batches, steps=q.learn_ranges_steps, objective=q.range_search_objective)
+
+
+@register_pass("adaround", order=30, enabled=lambda q, wb: q.adaround == "on" or (q.adaround == "auto" and wb < 8))
+def _adaround_pass(sim: QuantSim, batches: list[torch.Tensor], q) -> dict:
+    return adaround(sim, batches, iters=q.adaround_iters, balance=q.adaround_balance)
+
+
+@register_pass("bias_correction", order=40, enabled=lambda q, wb: q.bias_correction)
+def _bias_correction_pass(sim: QuantSim, batches: list[torch.Tensor], q) -> dict:
+    return bias_correction(sim, batches)
