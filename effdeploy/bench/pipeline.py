@@ -43,6 +43,9 @@ class BenchOptions:
     repeats: int = 2
     adb: Path | None = None
     benchmark_model: Path | None = None
+    benchmark_litert_model: Path | None = None
+    dispatch_library: str | None = None
+    edgetpu_compiler: Path | None = None
 
     @classmethod
     def parse(cls, *, backends: str | None = None, serials=None, **kw) -> BenchOptions:
@@ -256,6 +259,8 @@ def bench_run(run: RunConfig, artifact_dir: Path, opts: BenchOptions, *, out: Pa
             float_logits=float_logits,
             labels=labels,
             log=log,
+            litert_binary=str(opts.benchmark_litert_model) if opts.benchmark_litert_model else None,
+            dispatch_library=opts.dispatch_library,
         )
     if "edgetpu" in opts.backends:
         from effdeploy.bench.edgetpu import bench_edgetpu
@@ -263,6 +268,7 @@ def bench_run(run: RunConfig, artifact_dir: Path, opts: BenchOptions, *, out: Pa
         int8 = [a.path for a in artifacts if a.format == "tflite" and a.precision != "fp32"]
         records += bench_edgetpu(
             int8,
+            compiler=opts.edgetpu_compiler,
             work_dir=out / "edgetpu",
             threads=opts.threads,
             runs=opts.runs,
