@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test test-fast lint export quantize quantize-lite0 train replicates reference-results profile compare clean
+.PHONY: venv test test-fast lint export quantize quantize-lite0 bench bench-lite0 train replicates reference-results profile compare clean
 
 # torch is installed first and pinned: its CPU build lies on this machine's disk, while an
 # unpinned torch (pulled in by a dependency) would fetch a multi-GB CUDA build.
@@ -82,6 +82,25 @@ QUANT_CONFIGS ?= configs/cifar10_b0w05_after.yaml configs/cifar10_b0w05_before.y
 
 quantize: $(STAMP)
 	@for c in $(QUANT_CONFIGS); do $(BIN)/effdeploy quantize --config $$c || exit 1; done
+
+# ---- bench: every artifact of a model on this machine's CPU runtimes, plus the Edge TPU preflight.
+# Exports and quantizes first where the artifacts are missing. Phones: BENCH_ARGS="--serial SERIAL
+# --benchmark-model PATH". Results: bench.json / bench.md / bench.png beside the artifacts.
+BENCH_CONFIGS ?= configs/cifar10_b0w05_after.yaml
+BENCH_ARGS ?=
+
+bench: $(STAMP)
+	@for c in $(BENCH_CONFIGS); do n=$$(basename $$c .yaml); \
+	  [ -f artifacts/$$n/model.onnx ] || $(BIN)/effdeploy export --config $$c || exit 1; \
+	  [ -f artifacts/$$n/model_w8a8.onnx ] || $(BIN)/effdeploy quantize --config $$c || exit 1; \
+	  $(BIN)/effdeploy bench --config $$c $(BENCH_ARGS) || exit 1; done
+
+# int8 against float at 224 px (EfficientNet-Lite0, ImageNet weights), into benchmarks/results/bench/
+bench-lite0: $(MODELS)/imagenet_lite0/model.safetensors
+	[ -f artifacts/imagenet_lite0/model.onnx ] || $(BIN)/effdeploy export --config configs/imagenet_lite0.yaml
+	[ -f artifacts/imagenet_lite0/model_w8a8.onnx ] || $(BIN)/effdeploy quantize --config configs/imagenet_lite0.yaml --precisions w8a8
+	$(BIN)/effdeploy bench --config configs/imagenet_lite0.yaml --images 100 --runs 100 --repeats 2 \
+	  --out benchmarks/results/bench/imagenet_lite0 $(BENCH_ARGS)
 
 # ---- EfficientNet-Lite0 with real ImageNet weights (imported from the registry package) -------
 $(MODELS)/imagenet_lite0/model.safetensors: | $(STAMP)
