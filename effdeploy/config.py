@@ -7,13 +7,24 @@ rebuilds the exact same network. Errors name the offending field.
 
 from __future__ import annotations
 
+import math
+import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from effdeploy.errors import EffdeployError
-from effdeploy.model.arch import B0_STAGES, FAMILY, ArchSpec, Stage, compound_scaling, is_lite, resolve
+from effdeploy.model.arch import (
+    B0_STAGES,
+    FAMILY,
+    ArchSpec,
+    Stage,
+    compound_scaling,
+    is_lite,
+    resolve,
+    round_repeats,
+)
 
 SePlacement = Literal["after", "before", "none"]
 Activation = Literal["silu", "relu6", "hardswish"]
@@ -24,17 +35,30 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+# Bounds that keep a config describable (the stage table names at most 702 blocks per stage) and
+# its numbers finite; whether such a model fits in memory is check_model_size's question.
+PHI_RANGE = (-20.0, 20.0)
+MAX_RESOLUTION = 8192
+MAX_MULT = 64.0
+MAX_BLOCKS_PER_STAGE = 256
+MAX_SEED = 2**63 - 1  # numpy and torch generators take non-negative 64-bit seeds
+STAGE_LIMITS = {"expand": (1, 16), "kernel": (1, 15), "stride": (1, 4), "repeats": (1, 64), "channels": (1, 16384)}
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+_Positive = Annotated[float, Field(gt=0)]
 
 
 class PreprocessConfig(_Strict):
     """How an image becomes the model's input tensor. Owned by the model so export, calibration
     and evaluation can never disagree."""
 
-    resolution: int = Field(224, ge=8)
+    resolution: int = Field(224, ge=8, le=MAX_RESOLUTION)
     mean: tuple[float, float, float] = IMAGENET_MEAN  # in [0, 1] units, RGB
-    std: tuple[float, float, float] = IMAGENET_STD
+    std: tuple[_Positive, _Positive, _Positive] = IMAGENET_STD
     # "center_crop": resize the short side to resolution / crop_pct, then crop the centre square
     # (the ImageNet eval protocol); "resize": resize the whole image to resolution x resolution.
     resize: Literal["center_crop", "resize"] = "center_crop"
@@ -47,9 +71,9 @@ class ModelConfig(_Strict):
 
     variant: str = "b0"
     phi: float | None = None  # compound coefficient; overrides the variant's published scaling
-    width_mult: float = Field(1.0, gt=0)
-    depth_mult: float = Field(1.0, gt=0)
-    resolution: int = Field(224, ge=8)
+    width_mult: float = Field(1.0, gt=0, le=MAX_MULT)
+    depth_mult: float = Field(1.0, gt=0, le=MAX_MULT)
+    resolution: int = Field(224, ge=8, le=MAX_RESOLUTION)
     dropout: float = Field(0.2, ge=0, lt=1)
     drop_path_rate: float = Field(0.2, ge=0, lt=1)
     num_classes: int = Field(1000, ge=1)
@@ -75,7 +99,7 @@ class ModelConfig(_Strict):
             raise ValueError(f"variant: unknown {variant!r}; choose one of {', '.join(FAMILY)}")
         data["variant"] = variant
         phi = data.get("phi")
-        scaling = compound_scaling(float(phi)) if phi is not None else FAMILY[variant]
+        scaling = compound_scaling(_check_phi(phi)) if phi is not None else FAMILY[variant]
         lite = is_lite(variant)
         defaults = {
             "width_mult": scaling.width,
@@ -88,8 +112,10 @@ class ModelConfig(_Strict):
         }
         for key, value in defaults.items():
             data.setdefault(key, value)
-        pre = dict(data.get("preprocess") or {})
-        pre.setdefault("resolution", data["resolution"])
+        pre = data.get("preprocess") or {}
+        if isinstance(pre, dict):  # anything else is reported by field validation
+            pre = dict(pre)
+            pre.setdefault("resolution", data["resolution"])
         data["preprocess"] = pre
         return data
 
@@ -99,6 +125,21 @@ class ModelConfig(_Strict):
             raise ValueError(
                 f"preprocess.resolution ({self.preprocess.resolution}) must equal resolution ({self.resolution})"
             )
+        if not self.stages:
+            raise ValueError("stages: at least one stage is needed")
+        for i, stage in enumerate(self.stages):
+            for name, (lo, hi) in STAGE_LIMITS.items():
+                value = getattr(stage, name)
+                if not lo <= value <= hi:
+                    raise ValueError(f"stages.{i}.{name}: must be between {lo} and {hi}, got {value}")
+            if stage.kernel % 2 == 0:
+                raise ValueError(f"stages.{i}.kernel: must be odd, got {stage.kernel}")
+            blocks = round_repeats(stage.repeats, self.depth_mult)
+            if blocks > MAX_BLOCKS_PER_STAGE:
+                raise ValueError(
+                    f"depth_mult: {self.depth_mult:g} gives stage {i + 1} {blocks} blocks "
+                    f"(at most {MAX_BLOCKS_PER_STAGE})"
+                )
         return self
 
     @property
@@ -120,13 +161,28 @@ class ModelConfig(_Strict):
         )
 
 
+def _check_phi(phi: Any) -> float:
+    """The compound coefficient as a float, refused before the scaling formula sees it."""
+    try:
+        value = float(phi)
+    except (TypeError, ValueError):
+        raise ValueError(f"phi: must be a number, got {phi!r}") from None
+    lo, hi = PHI_RANGE
+    if not (math.isfinite(value) and lo <= value <= hi):
+        raise ValueError(f"phi: must be between {lo:g} and {hi:g}, got {phi!r}")
+    return value
+
+
 def format_validation_error(err: ValidationError, source: str) -> str:
     """Pydantic's multi-line report squeezed into one line that names each bad field."""
-    parts = []
-    for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
-        parts.append(f"{loc}: {e['msg']}")
+    parts = [_describe(e, ".".join(str(p) for p in e["loc"])) for e in err.errors()]
     return f"{source}: invalid config: " + "; ".join(parts)
+
+
+def _describe(error: Any, where: str) -> str:
+    """One pydantic error as ``where: problem`` on one line (our validators name their field)."""
+    msg = " ".join(str(error["msg"]).split()).removeprefix("Value error, ")
+    return f"{where}: {msg}" if where else msg
 
 
 def parse(model_cls: type[BaseModel], data: Any, source: str) -> Any:
@@ -144,11 +200,19 @@ def load_yaml(path: str | Path) -> dict:
     if not path.is_file():
         raise EffdeployError(f"{path}: config file not found")
     try:
-        data = yaml.safe_load(path.read_text())
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise EffdeployError(f"{path}: not a text file (not valid UTF-8)") from None
+    except OSError as err:
+        raise EffdeployError(f"{path}: cannot read it ({err.strerror or err})") from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark else ""
         raise EffdeployError(f"{path}: not valid YAML{where}") from None
+    except RecursionError:
+        raise EffdeployError(f"{path}: nested too deeply to be a config") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -162,7 +226,7 @@ class DataConfig(_Strict):
     train: Path = Path("../shared/data/cifar10/train")
     test: Path | None = Path("../shared/data/cifar10/test")
     val_fraction: float = Field(0.1, ge=0, lt=1)  # held out of `train`, stratified
-    split_seed: int = 0
+    split_seed: int = Field(0, ge=0, le=MAX_SEED)
 
 
 class AugmentConfig(_Strict):
@@ -186,8 +250,8 @@ class TrainConfig(_Strict):
     label_smoothing: float = Field(0.1, ge=0, lt=1)
     grad_clip_norm: float | None = Field(None, gt=0)  # clip the global gradient norm (spike guard)
     augment: AugmentConfig = AugmentConfig()
-    seed: int = 0
-    threads: int | None = None  # torch intra-op threads (None: all cores)
+    seed: int = Field(0, ge=0, le=MAX_SEED)
+    threads: int | None = Field(None, ge=1)  # torch intra-op threads (None: all cores)
     eval_batch_size: int = Field(500, ge=1)
 
 
@@ -202,19 +266,19 @@ class ReorderConfig(_Strict):
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
     temperature: float = Field(2.0, gt=0)
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
 
 
 class ExportConfig(_Strict):
     """What to export and how fidelity is measured."""
 
-    formats: tuple[Literal["onnx", "tflite"], ...] = ("onnx", "tflite")
+    formats: tuple[Literal["onnx", "tflite"], ...] = Field(("onnx", "tflite"), min_length=1)
     opset: int = Field(18, ge=17)
     # real images to measure fidelity on: an image folder or a calibration-set file
     # (default: data.test when it exists, else the shipped calibration set)
     fidelity_data: Path | None = None
     fidelity_images: int = Field(256, ge=1)
-    threads: int | None = None
+    threads: int | None = Field(None, ge=1)
 
 
 class LayerOverride(_Strict):
@@ -242,7 +306,7 @@ PRECISION_RE = r"^w([2-8])a([2-9]|1[0-6])$"
 class QuantConfig(_Strict):
     """Post-training quantization. Precisions are named weights-first: w8a8, w4a8, w4a4."""
 
-    precisions: tuple[str, ...] = ("w8a8", "w4a8")
+    precisions: tuple[str, ...] = Field(("w8a8", "w4a8"), min_length=1)
     # the placement to quantize; when it differs from the checkpoint's, the pipeline reorders the
     # model first (transplant + distillation, see the `reorder` section) and says so
     se_placement: SePlacement | None = None
@@ -345,3 +409,55 @@ def load_run_config(path: str | Path) -> RunConfig:
     if run.name is None:
         run = run.model_copy(update={"name": Path(path).stem})
     return run
+
+
+def override_section(run: RunConfig, section: str, options: dict[str, tuple[str, Any]]) -> RunConfig:
+    """``run`` with command-line values replacing fields of one section, validated exactly as the
+    file's fields are. ``options`` maps a field to (option name, value); None values are not given.
+    An error names the option: ``--epochs: Input should be greater than or equal to 1``."""
+    given = {field: value for field, (_, value) in options.items() if value is not None}
+    if not given:
+        return run
+    current = getattr(run, section)
+    try:
+        updated = type(current).model_validate({**current.model_dump(), **given})
+    except ValidationError as err:
+        parts = []
+        for e in err.errors():
+            loc = [str(p) for p in e["loc"]]
+            if loc and loc[0] in options:
+                where = options[loc[0]][0] + "".join(f"[{p}]" for p in loc[1:])
+            else:
+                where = ".".join([section, *loc])
+            parts.append(_describe(e, where))
+        raise EffdeployError("; ".join(parts)) from None
+    return run.model_copy(update={section: updated})
+
+
+MAX_PARAMS_ENV = "EFFDEPLOY_MAX_PARAMS"
+DEFAULT_MAX_PARAMS = 500_000_000  # 2 GB of float32 weights; B7 has 66 M
+
+
+def max_params() -> int:
+    raw = os.environ.get(MAX_PARAMS_ENV, "").strip()
+    if not raw:
+        return DEFAULT_MAX_PARAMS
+    try:
+        return int(float(raw))
+    except (ValueError, OverflowError):
+        raise EffdeployError(f"{MAX_PARAMS_ENV}: not a number: {raw!r}") from None
+
+
+def check_model_size(model: ModelConfig, source: str) -> int:
+    """The model's parameter count (analytic, nothing allocated), refused past ``max_params()``:
+    a config that would exhaust memory is a one-line error, not an allocation that never returns."""
+    from effdeploy.model.profile import profile_config
+
+    params = profile_config(model).params
+    limit = max_params()
+    if params > limit:
+        raise EffdeployError(
+            f"{source}: the model has {params / 1e6:,.0f} M parameters, over the limit of {limit / 1e6:,.0f} M "
+            f"(set {MAX_PARAMS_ENV} to allow more)"
+        )
+    return params

@@ -94,8 +94,8 @@ def run_cli(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedPr
 
 
 def assert_one_line_error(proc: subprocess.CompletedProcess) -> str:
-    """A user error: non-zero exit, exactly one stderr line 'effdeploy: error: ...', no traceback."""
-    assert proc.returncode != 0
+    """A user error: status 2, exactly one stderr line 'effdeploy: error: ...', no traceback."""
+    assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith("effdeploy: error:")

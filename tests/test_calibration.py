@@ -105,7 +105,7 @@ def test_calib_build_is_deterministic_and_info(folder: Path, tmp_path: Path, rep
 
 def test_calib_info_missing_file_is_one_line(tmp_path: Path) -> None:
     proc = run_cli("calib", "info", str(tmp_path / "nope.safetensors"), cwd=tmp_path)
-    assert proc.returncode != 0
+    assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("effdeploy: error:"), proc.stderr
     assert "nope.safetensors" in lines[0]

@@ -341,7 +341,7 @@ def test_cli_train_missing_data_folder(tmp_path: Path, repo_root: Path, _cache_d
         timeout=120,
         env={**os.environ, "EFFDEPLOY_CACHE": str(_cache_dir), "COLUMNS": "200", "NO_COLOR": "1"},
     )
-    assert proc.returncode != 0
+    assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith("effdeploy: error:")

@@ -243,7 +243,7 @@ def test_cli_reorder_unknown_placement(tmp_path: Path, repo_root: Path) -> None:
         timeout=120,
         env={**os.environ, "EFFDEPLOY_CACHE": str(tmp_path / "cache"), "COLUMNS": "200", "NO_COLOR": "1"},
     )
-    assert proc.returncode != 0
+    assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith("effdeploy: error:") and "sideways" in lines[0]

@@ -117,7 +117,17 @@ def load_calibration_set(path: str | Path) -> CalibrationSet:
         raise EffdeployError(f"{path}: unreadable calibration set ({str(err).splitlines()[0][:160]})") from None
     if pixels.dtype != np.uint8 or pixels.ndim != 4 or pixels.shape[-1] != 3 or len(labels) != len(pixels):
         raise EffdeployError(f"{path}: malformed calibration tensors {pixels.shape} {pixels.dtype}")
-    return CalibrationSet(pixels, labels, provenance)
+    if labels.ndim != 1 or labels.dtype.kind not in "iu" or (len(labels) and labels.min() < 0):
+        raise EffdeployError(f"{path}: malformed calibration labels {labels.shape} {labels.dtype}")
+    names = provenance.get("class_names", []) if isinstance(provenance, dict) else None
+    if (
+        not isinstance(provenance, dict)
+        or not isinstance(provenance.get("preprocess", {}), dict)
+        or not isinstance(names, list)
+        or not all(isinstance(n, str) for n in names)
+    ):
+        raise EffdeployError(f"{path}: malformed calibration provenance")
+    return CalibrationSet(pixels, labels.astype(np.int64), provenance)
 
 
 def file_sha256(path: str | Path) -> str:

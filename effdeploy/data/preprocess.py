@@ -17,20 +17,50 @@ import numpy as np
 from effdeploy.config import PreprocessConfig
 from effdeploy.errors import EffdeployError
 
+#: The largest image decoded, in pixels (width x height): 64 megapixels is 192 MB of RGB. Larger
+#: files are refused from their header alone, before any pixel is decoded: a 200-megapixel PNG of
+#: a few kilobytes must not take 600 MB. EFFDEPLOY_MAX_IMAGE_PIXELS overrides it.
+MAX_IMAGE_PIXELS = 64_000_000
+
+
+def max_image_pixels() -> int:
+    import os
+
+    raw = os.environ.get("EFFDEPLOY_MAX_IMAGE_PIXELS", "").strip()
+    if not raw:
+        return MAX_IMAGE_PIXELS
+    try:
+        return int(float(raw))
+    except (ValueError, OverflowError):
+        raise EffdeployError(f"EFFDEPLOY_MAX_IMAGE_PIXELS: not a number: {raw!r}") from None
+
+
+def _too_large(path: Path, shape: str, limit: int) -> EffdeployError:
+    return EffdeployError(
+        f"{path}: image too large ({shape}; the limit is {limit / 1e6:g} megapixels, "
+        "EFFDEPLOY_MAX_IMAGE_PIXELS raises it)"
+    )
+
 
 def load_rgb(path: str | Path):
     """Decode an image file to an RGB PIL image, converting grayscale, palette, CMYK and alpha.
 
     Raises a one-line EffdeployError naming the file when it is not a decodable image
-    (a text file with a .jpg name, a truncated JPEG, a missing file).
+    (a text file with a .jpg name, a truncated JPEG, a missing file) or when its header declares
+    more than ``max_image_pixels()`` pixels (checked before decoding).
     """
     from PIL import Image, UnidentifiedImageError
 
     path = Path(path)
+    limit = max_image_pixels()
     try:
         with warnings.catch_warnings():
+            # PIL's own guard (a warning past MAX_IMAGE_PIXELS, an error past twice that) fires
+            # inside Image.open, before the size is known here: both become the same error below
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as img:
+                if img.width * img.height > limit:
+                    raise _too_large(path, f"{img.width} x {img.height} pixels", limit)
                 img.load()  # force the full decode here so truncation is caught here
                 mode = img.mode
                 if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in img.info):
@@ -51,8 +81,11 @@ def load_rgb(path: str | Path):
         raise EffdeployError(f"{path}: not an image file (cannot identify format)") from None
     except OSError as err:
         raise EffdeployError(f"{path}: corrupt or truncated image ({str(err).splitlines()[0]})") from None
-    except Image.DecompressionBombWarning:
-        raise EffdeployError(f"{path}: image too large (decompression bomb guard)") from None
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as err:
+        import re
+
+        found = re.search(r"\((\d+) pixels\)", str(err))
+        raise _too_large(path, f"{found.group(1)} pixels" if found else "past PIL's bomb guard", limit) from None
 
 
 def to_pixels(img, cfg: PreprocessConfig) -> np.ndarray:

@@ -2,6 +2,10 @@
 
 Fidelity is measured against PyTorch on real images (never random noise) through the same
 runtime registry every benchmark uses: max |diff|, output SNR in dB, top-1 agreement.
+
+The files are one set: written into a staging folder and moved into the output directory
+together, manifest last (``fileio.staged_dir``), so an interrupted export leaves the previous
+complete set in place, and an export of fewer formats leaves no stale file of the others.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ from effdeploy.report import json_safe
 from effdeploy.runtime.base import load_backend, run_batched
 
 ARTIFACT_NAMES = {"onnx": "model.onnx", "tflite": "model.tflite"}
+MANIFEST = "manifest.json"
+SET_NAMES = frozenset({*ARTIFACT_NAMES.values(), MANIFEST})
 RUNTIME_FOR = {"onnx": "onnxruntime", "tflite": "litert"}
 
 
@@ -76,6 +82,9 @@ def load_model_for_export(run: RunConfig, random_init: bool = False):
     if random_init:
         import torch
 
+        from effdeploy.config import check_model_size
+
+        check_model_size(run.model, "--model")
         torch.manual_seed(0)
         return EfficientNet(run.model).eval()
     if run.checkpoint is None:
@@ -89,12 +98,13 @@ def export_run(run: RunConfig, out_dir: str | Path, *, random_init: bool = False
     from effdeploy.data.datasets import load_images
     from effdeploy.export.onnx import export_onnx
     from effdeploy.export.tflite import edge_transposes, export_tflite, tflite_io
-    from effdeploy.fileio import atomic_write_text
+    from effdeploy.fileio import atomic_write_text, check_writable_dir, staged_dir
     from effdeploy.runtime.torch_backend import TorchBackend
 
     out_dir = Path(out_dir)
+    check_writable_dir(out_dir, "--out")  # before the slow part: a bad --out fails in a second, as one line
     model = load_model_for_export(run, random_init)
-    prepare_out_dir(out_dir)  # before the slow part: a bad --out fails in a second, as one line
+    prepare_out_dir(out_dir)
     pre = model.config.preprocess
     source = fidelity_source(run)
     images = load_images(source, pre, n=run.export.fidelity_images)
@@ -107,29 +117,39 @@ def export_run(run: RunConfig, out_dir: str | Path, *, random_init: bool = False
     files: dict[str, Path] = {}
     fidelity: dict[str, dict] = {}
     records = []
-    for fmt in run.export.formats:
-        path = out_dir / ARTIFACT_NAMES[fmt]
-        log(f"exporting {fmt} -> {path}")
-        try:
-            if fmt == "onnx":
-                export_onnx(model, path, opset=run.export.opset, class_names=class_names)
+    with staged_dir(out_dir, owns=SET_NAMES.__contains__, last=MANIFEST) as stage:
+        for fmt in run.export.formats:
+            path = stage / ARTIFACT_NAMES[fmt]
+            log(f"exporting {fmt} -> {out_dir / path.name}")
+            try:
+                if fmt == "onnx":
+                    export_onnx(model, path, opset=run.export.opset, class_names=class_names)
+                else:
+                    export_tflite(model, path)
+            except OSError as err:  # disk full, permissions: the user's problem, stated in one line
+                raise EffdeployError(f"{out_dir / path.name}: cannot write it ({err.strerror or err})") from None
+            files[fmt] = out_dir / path.name
+            backend = load_backend(RUNTIME_FOR[fmt], path, threads=run.export.threads)
+            outputs = run_batched(backend, inputs)
+            fidelity[fmt] = {"runtime": RUNTIME_FOR[fmt], **measure_fidelity(reference, outputs)}
+            rec = file_record(path, fmt)
+            if fmt == "tflite":
+                rec["io"] = tflite_io(path)
+                rec["edge_transposes"] = edge_transposes(path)
             else:
-                export_tflite(model, path)
-        except OSError as err:  # disk full, permissions: the user's problem, stated in one line
-            raise EffdeployError(f"{path}: cannot write it ({err.strerror or err})") from None
-        files[fmt] = path
-        backend = load_backend(RUNTIME_FOR[fmt], path, threads=run.export.threads)
-        outputs = run_batched(backend, inputs)
-        fidelity[fmt] = {"runtime": RUNTIME_FOR[fmt], **measure_fidelity(reference, outputs)}
-        rec = file_record(path, fmt)
-        if fmt == "tflite":
-            rec["io"] = tflite_io(path)
-            rec["edge_transposes"] = edge_transposes(path)
-        else:
-            rec["io"] = {"input": {"name": "images", "shape": ["batch", 3, pre.resolution, pre.resolution]}}
-        records.append(rec)
+                rec["io"] = {"input": {"name": "images", "shape": ["batch", 3, pre.resolution, pre.resolution]}}
+            records.append(rec)
+        manifest = _manifest(run, model, pre, class_names, records, source, images, fidelity, random_init)
+        try:
+            atomic_write_text(stage / MANIFEST, json.dumps(manifest, indent=2))
+        except OSError as err:
+            raise EffdeployError(f"{out_dir / MANIFEST}: cannot write it ({err.strerror or err})") from None
+    return ExportResult(out_dir, files, fidelity, manifest)
 
-    manifest = {
+
+def _manifest(run, model, pre, class_names, records, source, images, fidelity, random_init) -> dict:
+    """What the set holds and how it was made; every file with its SHA-256."""
+    return {
         "effdeploy_manifest": 1,
         "name": run.name,
         "source": {
@@ -148,20 +168,11 @@ def export_run(run: RunConfig, out_dir: str | Path, *, random_init: bool = False
             "metrics": json_safe(fidelity),
         },
     }
-    try:
-        atomic_write_text(out_dir / "manifest.json", json.dumps(manifest, indent=2))
-    except OSError as err:
-        raise EffdeployError(f"{out_dir / 'manifest.json'}: cannot write it ({err.strerror or err})") from None
-    return ExportResult(out_dir, files, fidelity, manifest)
 
 
 def prepare_out_dir(out_dir: Path) -> None:
-    """Create the artifact directory, or fail with one line (a regular file in the way, no permission)."""
-    import os
-
+    """Create the artifact directory (checked by ``check_writable_dir``), or fail with one line."""
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise EffdeployError(f"{out_dir}: cannot create the output directory ({err.strerror or err})") from None
-    if not os.access(out_dir, os.W_OK | os.X_OK):
-        raise EffdeployError(f"{out_dir}: output directory is not writable")

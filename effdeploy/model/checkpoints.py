@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from effdeploy import __version__
-from effdeploy.config import ModelConfig, parse
+from effdeploy.config import ModelConfig, check_model_size, parse
 from effdeploy.errors import EffdeployError
 from effdeploy.fileio import atomic_path
 from effdeploy.model.efficientnet import EfficientNet, build_model
@@ -78,12 +78,9 @@ def load_checkpoint(path: str | Path, *, config_overrides: dict[str, Any] | None
     meta = read_metadata(path)
     if meta.get("format") != FORMAT_TAG or "config" not in meta:
         raise EffdeployError(f"{path}: not an effdeploy checkpoint (no embedded config); use an importer")
-    try:
-        cfg_data = json.loads(meta["config"])
-    except json.JSONDecodeError:
-        raise EffdeployError(f"{path}: embedded config is not valid JSON") from None
-    cfg_data.update(config_overrides or {})
+    cfg_data = {**_embedded_config(meta, path), **(config_overrides or {})}
     config = parse(ModelConfig, cfg_data, f"{path}: embedded config")
+    check_model_size(config, f"{path}: embedded config")  # a forged config must not allocate first
     model = EfficientNet(config)
     try:
         state = load_file(str(path))
@@ -98,7 +95,31 @@ def checkpoint_config(path: str | Path) -> ModelConfig:
     meta = read_metadata(path)
     if "config" not in meta:
         raise EffdeployError(f"{path}: not an effdeploy checkpoint (no embedded config)")
-    return parse(ModelConfig, json.loads(meta["config"]), f"{path}: embedded config")
+    return parse(ModelConfig, _embedded_config(meta, path), f"{path}: embedded config")
+
+
+def checkpoint_class_names(path: str | Path) -> tuple[str, ...] | None:
+    """The class names a checkpoint stores (metadata ``class_names``, a JSON list), else None."""
+    raw = read_metadata(path).get("class_names")
+    if raw is None:
+        return None
+    try:
+        names = json.loads(raw)
+    except json.JSONDecodeError:
+        names = None
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise EffdeployError(f"{path}: metadata class_names is not a JSON list of strings")
+    return tuple(names)
+
+
+def _embedded_config(meta: dict[str, str], path: Path) -> dict:
+    try:
+        data = json.loads(meta["config"])
+    except (json.JSONDecodeError, RecursionError):
+        raise EffdeployError(f"{path}: embedded config is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise EffdeployError(f"{path}: embedded config is not a JSON object (got {type(data).__name__})")
+    return data
 
 
 def _load_exact(model: torch.nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
@@ -131,10 +152,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             return dict(load_file(str(path)))
         except Exception as err:
             raise EffdeployError(f"{path}: not a readable safetensors file ({_first_line(err)})") from None
-    try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise EffdeployError(f"{path}: cannot read as a weights-only PyTorch file ({_first_line(err)})") from None
+    obj = load_pickle_weights_only(path)
     for wrapper in ("state_dict", "model", "model_state_dict", "ema"):
         if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
             obj = obj[wrapper]
@@ -142,6 +160,30 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise EffdeployError(f"{path}: does not hold a state dict of tensors")
     return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def load_pickle_weights_only(path: str | Path) -> Any:
+    """A ``torch.save`` file or plain pickle, unpickled with ``weights_only=True``: tensors and plain
+    containers only. A pickle that names any other callable (``os.system``...) is refused, never
+    run; every failure is one line naming the file."""
+    import warnings
+
+    path = Path(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. "Detected pickle protocol 4": the error says enough
+            return torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as err:  # UnpicklingError, RuntimeError, EOFError... for a corrupt or hostile file
+        raise EffdeployError(f"{path}: cannot read as a weights-only PyTorch file ({_load_error(err)})") from None
+
+
+def _load_error(err: BaseException) -> str:
+    """The informative line of torch's weights-only refusal (its first lines are boilerplate)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    for line in lines:
+        if "GLOBAL" in line or line.startswith("Unsupported"):
+            return f"refused by the weights-only unpickler: {line[:200]}"
+    return _first_line(err)
 
 
 def detect_layout(state: dict[str, torch.Tensor]) -> str:
@@ -247,6 +289,9 @@ def map_state_dict(
 
 def import_weights(path: str | Path, config: ModelConfig | dict | str) -> EfficientNet:
     """Build ``config``'s model and fill it from a public-layout (or own-layout) weights file."""
+    if not isinstance(config, ModelConfig):
+        config = parse(ModelConfig, {"variant": config} if isinstance(config, str) else config, "model config")
+    check_model_size(config, "model config")
     model = build_model(config)
     state = read_state_dict(path)
     try:

@@ -12,6 +12,7 @@ held-out images; the peers (``peers.py``) quantize the same float model with the
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -121,6 +122,21 @@ def _ensure_placement(model, run: RunConfig, log):
 
 
 def quantize_run(run: RunConfig, out_dir: str | Path, *, log=print) -> dict:
+    """Quantize and measure ``run``; its files (report, plot, outputs, runtime and peer artifacts)
+    are staged and moved into ``out_dir`` together when the run completes, so an interrupted run
+    leaves the previous complete set (fileio.staged_dir). A bad ``out_dir`` fails before any work."""
+    from effdeploy.fileio import check_writable_dir, staged_dir
+
+    check_writable_dir(out_dir, "--out")
+    with staged_dir(out_dir, owns=lambda name: QUANT_SET.fullmatch(name) is not None, last="report.json") as stage:
+        return _quantize_into(run, stage, log=log)
+
+
+#: What a quantize run writes: an earlier run's files of these names leave when a new set arrives.
+QUANT_SET = re.compile(r"report\.json|snr_per_block\.png|outputs\.npz|(model|peer_.+)_w\d+a\d+\.(onnx|tflite)")
+
+
+def _quantize_into(run: RunConfig, out_dir: Path, *, log=print) -> dict:
     from effdeploy.data.datasets import load_images
     from effdeploy.fileio import atomic_write_text
     from effdeploy.model.checkpoints import load_checkpoint

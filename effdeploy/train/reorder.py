@@ -163,11 +163,12 @@ def reorder_run(checkpoint, se_placement: str, run, out_dir, *, log=print) -> di
     import json
     from pathlib import Path
 
-    from effdeploy.fileio import atomic_write_text
+    from effdeploy.fileio import atomic_write_text, check_writable_dir
     from effdeploy.model.checkpoints import load_checkpoint, save_checkpoint
     from effdeploy.train.trainer import load_split
 
     out_dir = Path(out_dir)
+    check_writable_dir(out_dir, "--out")  # before the distillation, not after it
     source = load_checkpoint(checkpoint)
     run = run.model_copy(update={"model": source.config})
     train_set, val_set = load_split(run)

@@ -16,6 +16,7 @@ Run directory layout::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
@@ -26,11 +27,11 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from effdeploy.config import RunConfig, TrainConfig, parse
+from effdeploy.config import RunConfig, TrainConfig, check_model_size, parse
 from effdeploy.data.datasets import PixelDataset, load_pixels, stratified_split
 from effdeploy.errors import EffdeployError
-from effdeploy.fileio import atomic_path, atomic_write_text
-from effdeploy.model.checkpoints import load_checkpoint, save_checkpoint
+from effdeploy.fileio import atomic_path, atomic_write_text, check_writable_dir
+from effdeploy.model.checkpoints import load_checkpoint, load_pickle_weights_only, save_checkpoint
 from effdeploy.model.efficientnet import EfficientNet
 from effdeploy.progress import progress
 from effdeploy.train.augment import crop_flip
@@ -119,13 +120,18 @@ def train(run: RunConfig, out_dir: str | Path, *, resume: bool = False, limit: i
     """Train ``run.model`` on ``run.data.train`` for ``run.train.epochs``; returns the summary."""
     out_dir = Path(out_dir)
     cfg = run.train
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     state_file = out_dir / STATE
     if not resume and (state_file.exists() or (out_dir / FINAL).exists()):
         raise EffdeployError(f"{out_dir}: already holds a run; pass --resume to continue it or choose another --out")
     if resume and not state_file.exists():
         raise EffdeployError(f"{out_dir}: nothing to resume (no {STATE})")
+    if limit is not None and limit < 1:
+        raise EffdeployError(f"--limit: must be at least 1, got {limit}")
+    check_writable_dir(out_dir, "--out")
+    check_training_memory(run)
+    saved_state = _read_state(state_file) if resume else None  # a bad file fails before the data is decoded
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
 
     train_set, val_set = load_split(run, limit)
     torch.manual_seed(cfg.seed)
@@ -134,16 +140,19 @@ def train(run: RunConfig, out_dir: str | Path, *, resume: bool = False, limit: i
     start_epoch = 0
     if resume:
         model = load_checkpoint(out_dir / LAST)
-        state = torch.load(state_file, map_location="cpu", weights_only=True)
-        saved = parse(RunConfig, json.loads(state["run_config"]), f"{state_file}: run config")
+        state = saved_state
+        saved = parse(RunConfig, _json(state["run_config"], state_file, "run_config"), f"{state_file}: run config")
         if _config_fingerprint(saved) != _config_fingerprint(run):
             raise EffdeployError(f"{out_dir}: config differs from the run being resumed (see {out_dir / 'run.yaml'})")
-        if "model" in state:  # the weights of the epoch the state describes (see _save_epoch)
-            model.load_state_dict(state["model"])
-        start_epoch = int(state["epoch"])
-        history = json.loads(state["history"])
-        torch.set_rng_state(state["rng_torch"])
-        data_rng.set_state(state["rng_data"])
+        with _state_mismatch(state_file):
+            if "model" in state:  # the weights of the epoch the state describes (see _save_epoch)
+                model.load_state_dict(state["model"])
+            start_epoch = int(state["epoch"])
+            history = _json(state["history"], state_file, "history")
+            if not isinstance(history, list):
+                raise EffdeployError(f"{state_file}: history is not a list")
+            torch.set_rng_state(state["rng_torch"])
+            data_rng.set_state(state["rng_data"])
     else:
         model = EfficientNet(run.model)
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -153,7 +162,8 @@ def train(run: RunConfig, out_dir: str | Path, *, resume: bool = False, limit: i
     model = model.to(memory_format=torch.channels_last)
     opt = make_optimizer(model, cfg)
     if resume:
-        opt.load_state_dict(state["optimizer"])
+        with _state_mismatch(state_file):
+            opt.load_state_dict(state["optimizer"])
 
     n = len(train_set)
     steps_per_epoch = n // cfg.batch_size
@@ -248,6 +258,94 @@ def _save_epoch(out_dir: Path, model, opt, run: RunConfig, epoch: int, history: 
     }
     with atomic_path(out_dir / STATE) as tmp:
         torch.save(state, tmp)
+
+
+def _read_state(state_file: Path) -> dict:
+    """train_state.pt, unpickled with ``weights_only=True`` (tensors and plain containers only: a
+    pickle that names any other callable is refused, never run), checked for the keys --resume reads."""
+    state = load_pickle_weights_only(state_file)
+    types = {
+        "epoch": int,
+        "optimizer": dict,
+        "rng_torch": torch.Tensor,
+        "rng_data": torch.Tensor,
+        "history": str,
+        "run_config": str,
+    }
+    if not isinstance(state, dict):
+        raise EffdeployError(f"{state_file}: not an effdeploy training state (a {type(state).__name__})")
+    for key, kind in types.items():
+        if not isinstance(state.get(key), kind):
+            raise EffdeployError(f"{state_file}: not an effdeploy training state ({key!r} missing or malformed)")
+    if "model" in state and not isinstance(state["model"], dict):
+        raise EffdeployError(f"{state_file}: not an effdeploy training state ('model' malformed)")
+    return state
+
+
+def _json(text: str, state_file: Path, key: str):
+    try:
+        return json.loads(text)
+    except (json.JSONDecodeError, RecursionError):
+        raise EffdeployError(f"{state_file}: {key} is not valid JSON") from None
+
+
+@contextlib.contextmanager
+def _state_mismatch(state_file: Path):
+    """Turn torch's complaints about a state that does not fit this model into one line."""
+    try:
+        yield
+    except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise EffdeployError(f"{state_file}: does not fit this run's model ({first})") from None
+
+
+#: Bytes per float, times: the parameters, their gradients and two optimizer buffers; and for each
+#: image of a batch, the tensors kept for the backward pass (convolution input, norm input,
+#: activation output) of every block's expanded, depthwise and projected features.
+_PARAM_COPIES = 4
+_SAVED_PER_ACTIVATION = 3
+MAX_TRAIN_MEMORY_ENV = "EFFDEPLOY_MAX_TRAIN_GB"
+
+
+def training_memory_bytes(run: RunConfig) -> int:
+    """An estimate of training's peak memory, from the analytic profile (nothing allocated)."""
+    from effdeploy.model.profile import profile_config
+
+    prof = profile_config(run.model)
+    per_image = sum(
+        (b.expand_channels * b.in_size**2 if b.expand_channels != b.in_channels else 0)
+        + b.expand_channels * b.out_size**2
+        + b.out_channels * b.out_size**2
+        for b in prof.blocks
+    )
+    return 4 * (_PARAM_COPIES * prof.params + _SAVED_PER_ACTIVATION * run.train.batch_size * per_image)
+
+
+def _memory_limit() -> int:
+    import os
+
+    raw = os.environ.get(MAX_TRAIN_MEMORY_ENV, "").strip()
+    if raw:
+        try:
+            return int(float(raw) * 2**30)
+        except (ValueError, OverflowError):
+            raise EffdeployError(f"{MAX_TRAIN_MEMORY_ENV}: not a number of GB: {raw!r}") from None
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 2**62  # unknown: no memory limit, the parameter limit still applies
+
+
+def check_training_memory(run: RunConfig) -> None:
+    """Refuse a model or batch that cannot fit in memory before anything is allocated."""
+    check_model_size(run.model, "model")
+    need, limit = training_memory_bytes(run), _memory_limit()
+    if need > limit:
+        raise EffdeployError(
+            f"model: training needs about {need / 2**30:,.1f} GB (batch {run.train.batch_size}, "
+            f"{run.model.resolution} px), more than the {limit / 2**30:,.1f} GB available "
+            f"(lower train.batch_size or the model size, or set {MAX_TRAIN_MEMORY_ENV})"
+        )
 
 
 def main_log(msg: str) -> None:
