@@ -242,7 +242,8 @@ def bench_run(run: RunConfig, artifact_dir: Path, opts: BenchOptions, *, out: Pa
     else:
         inputs = inputs[:1]
 
-    records = bench_host(artifacts, model, inputs, labels, float_logits, opts, host, log=log)
+    # host records say "host": the machine record (in the header and the JSON) describes it
+    records = bench_host(artifacts, model, inputs, labels, float_logits, opts, "host", log=log)
     tflite = [a.path for a in artifacts if a.format == "tflite"]
     if "android" in opts.backends:
         from effdeploy.bench.android import bench_android
