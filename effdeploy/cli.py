@@ -359,12 +359,15 @@ def quantize(
 
 @app.command()
 def bench(
-    config: Annotated[Path, typer.Option("--config", "-c", help="run config whose artifacts are benchmarked")] = DEFAULT_CONFIG,
+    config: Annotated[
+        Path, typer.Option("--config", "-c", help="run config whose artifacts are benchmarked")
+    ] = DEFAULT_CONFIG,
     artifacts: Annotated[
         Path | None, typer.Option("--artifacts", help="artifact directory (default artifacts/<name>)")
     ] = None,
     backend: Annotated[
-        str | None, typer.Option("--backend", help="comma list: torch,onnxruntime,litert,android,edgetpu (default: the host's)")
+        str | None,
+        typer.Option("--backend", help="comma list: torch,onnxruntime,litert,android,edgetpu (default: the host's)"),
     ] = None,
     serial: Annotated[
         list[str] | None, typer.Option("--serial", help="Android device serial (repeatable; default: every device)")
@@ -377,6 +380,16 @@ def bench(
     adb: Annotated[Path | None, typer.Option("--adb", help="adb binary (default: $ADB, PATH, then adbutils')")] = None,
     benchmark_model: Annotated[
         Path | None, typer.Option("--benchmark-model", help="LiteRT benchmark_model built for the phone")
+    ] = None,
+    benchmark_litert_model: Annotated[
+        Path | None,
+        typer.Option("--benchmark-litert-model", help="LiteRT benchmark_litert_model (CompiledModel: GPU, NPU)"),
+    ] = None,
+    dispatch_library: Annotated[
+        str | None, typer.Option("--dispatch-library", help="NPU vendor dispatch library path on the phone")
+    ] = None,
+    edgetpu_compiler: Annotated[
+        Path | None, typer.Option("--edgetpu-compiler", help="edgetpu_compiler (default: $EDGETPU_COMPILER, PATH)")
     ] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="report directory (default: the artifacts')")] = None,
 ) -> None:
