@@ -443,7 +443,7 @@ def compare(
         list[str] | None, typer.Option("--only", help="cells to run: model or model/precision patterns (repeatable)")
     ] = None,
     ray_address: Annotated[
-        str | None, typer.Option("--ray-address", help="send cells to this existing Ray cluster (pip install 'effdeploy[ray]')")
+        str | None, typer.Option("--ray-address", help="an existing Ray cluster to send cells to")
     ] = None,
 ) -> None:
     """SE placement (after / before / none) compared across seeds, bit widths and runtimes, with CIs."""

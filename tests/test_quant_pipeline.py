@@ -307,3 +307,48 @@ def test_summary_marks_runtime_cells_outside_the_contract(repo_root: Path) -> No
     w8, w4 = (line.split(" | ") for line in results.headline_rows(report))
     assert "contract missed" not in w8[5] and "contract missed" in w8[6]
     assert "contract missed" in w4[5] and "contract missed" not in w4[6]
+
+
+def test_a_registered_pass_runs_and_is_reported(run: RunConfig, tmp_path: Path) -> None:
+    """A pass registered from outside the package runs in its place in the order, lands in the
+    report (method, pass report) and in the label, with no other module touched."""
+    from effdeploy.quant import registry
+    from effdeploy.report import method_label
+
+    order: list[str] = []
+    real = registry.get_pass("bias_correction")
+
+    def spy_bias(sim, batches, q):
+        order.append("bias_correction")
+        return real.apply(sim, batches, q)
+
+    def halve_ranges(sim, batches, q):
+        order.append("halve")
+        return {"points": len(sim.ranges())}
+
+    registry.register_pass("halve", order=35, label="halved ranges", enabled=lambda q, wb: True)(halve_ranges)
+    registry.register_pass("bias_correction", order=40, enabled=real.enabled)(spy_bias)
+    try:
+        quant = run.quant.model_copy(update={"precisions": ("w8a8",)})
+        report = quantize_run(run.model_copy(update={"quant": quant}), tmp_path / "out", log=lambda m: None)
+        labels = [method_label(r["method"]) for r in report["results"]]
+    finally:
+        registry.unregister_pass("halve")
+        registry.register_pass("bias_correction", order=40, enabled=real.enabled)(real.apply)
+    minmax, ours = report["results"]
+    assert order == ["halve", "bias_correction"]  # only "ours" runs passes, in registry order
+    assert ours["method"]["passes"] == ["halve", "bias_correction"] and ours["method"]["halve"] is True
+    assert minmax["method"]["passes"] == [] and minmax["method"]["halve"] is False
+    assert ours["pass_reports"] == {"halve": {"points": len(ours["ranges"])}}
+    assert labels == ["minmax", "ours + halved ranges"]
+
+
+def test_labels_of_reports_written_before_the_pass_list() -> None:
+    """Older reports name passes only by true keys: their labels are unchanged."""
+    from effdeploy.report import method_label
+
+    old = {"name": "ours", "range_search": True, "learn_ranges": True, "range_search_objective": "kl"}
+    assert method_label(old) == "ours + range search + learned ranges (KL)"
+    assert method_label({"name": "ours", "learn_ranges": True, "saturate_sigmoid_inputs": False}) == (
+        "ours + learned ranges, no sigmoid saturation"
+    )

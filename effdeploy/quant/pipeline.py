@@ -28,46 +28,59 @@ from effdeploy.quant.sim import QuantSim
 
 @dataclass(frozen=True)
 class Method:
+    """A way to quantize: its observers, the registered passes it runs (``quant.registry``), and
+    the pass options that distinguish two runs of the same passes."""
+
     name: str
     observer: str
     weight_observer: str
-    adaround: bool
-    bias_correction: bool
-    range_search: bool = False
+    passes: tuple[str, ...] = ()
     range_search_objective: str = "relative"
     adaround_balance: bool = False
-    learn_ranges: bool = False
     saturate_sigmoid_inputs: bool = False
+
+    def __getattr__(self, name: str):
+        # ``method.adaround`` etc.: whether a registered pass of that name runs
+        from effdeploy.quant.registry import all_passes
+
+        if name in {p.name for p in all_passes()}:
+            return name in self.passes
+        raise AttributeError(name)
+
+    def to_dict(self) -> dict:
+        """The report's ``method``: its fields, and one true/false key per registered pass."""
+        from effdeploy.quant.registry import all_passes
+
+        d = asdict(self)
+        d.update({p.name: p.name in self.passes for p in all_passes()})
+        d["passes"] = list(self.passes)
+        return d
 
 
 def methods_for(run: RunConfig, precision: str) -> list[Method]:
     """The baseline and our method at ``precision`` (the quant section's ``by_precision`` applied)."""
+    from effdeploy.quant.registry import enabled_passes
+
     q = run.quant.for_precision(precision)
     weight_bits, _ = parse_precision(precision)
-    use_ada = q.adaround == "on" or (q.adaround == "auto" and weight_bits < 8)
     return [
-        Method("minmax", "minmax", "minmax", adaround=False, bias_correction=False),
+        Method("minmax", "minmax", "minmax"),
         Method(
             "ours",
             q.observer,
             q.weight_observer,
-            adaround=use_ada,
-            bias_correction=q.bias_correction,
-            range_search=q.range_search,
+            passes=enabled_passes(q, weight_bits),
             range_search_objective=q.range_search_objective,
             adaround_balance=q.adaround_balance,
-            learn_ranges=q.learn_ranges,
             saturate_sigmoid_inputs=q.saturate_sigmoid_inputs,
         ),
     ]
 
 
-def calibrated_sim(model, q, method: Method, precision: str, cal_batches: list[torch.Tensor]):
+def run_method(model, q, method: Method, precision: str, cal_batches: list[torch.Tensor]):
     """The simulation of ``method`` at ``precision``, calibrated on ``cal_batches`` and through its
-    passes (range search, range learning, AdaRound, bias correction, in that order). Returns the
-    simulation and the range-search and AdaRound reports (None where the pass did not run; the
-    range-learning report is the search report's ``"learned"``)."""
-    from effdeploy.quant.passes import adaround, bias_correction, learn_ranges, range_search
+    passes in registry order. Returns the simulation and each pass's report by name."""
+    from effdeploy.quant.registry import run_passes
 
     q = q.for_precision(precision)
     wb, ab = parse_precision(precision)
@@ -80,16 +93,18 @@ def calibrated_sim(model, q, method: Method, precision: str, cal_batches: list[t
         saturate_sigmoid_inputs=method.saturate_sigmoid_inputs,
     )
     sim.calibrate(cal_batches, observer=method.observer, weight_observer=method.weight_observer)
-    searched = range_search(sim, cal_batches, objective=method.range_search_objective) if method.range_search else None
-    if method.learn_ranges:
-        learned = learn_ranges(sim, cal_batches, steps=q.learn_ranges_steps, objective=method.range_search_objective)
-        searched = {**(searched or {}), "learned": learned}
-    ada = (
-        adaround(sim, cal_batches, iters=q.adaround_iters, balance=method.adaround_balance) if method.adaround else None
-    )
-    if method.bias_correction:
-        bias_correction(sim, cal_batches)
-    return sim, searched, ada
+    return sim, run_passes(sim, cal_batches, q, method.passes)
+
+
+def calibrated_sim(model, q, method: Method, precision: str, cal_batches: list[torch.Tensor]):
+    """``run_method`` with the reports in the report's layout: the simulation, the range-search
+    report (with the range-learning report as its ``"learned"``) and the AdaRound report, each
+    None where its pass did not run."""
+    sim, reports = run_method(model, q, method, precision, cal_batches)
+    searched = reports.get("range_search")
+    if "learn_ranges" in reports:
+        searched = {**(searched or {}), "learned": reports["learn_ranges"]}
+    return sim, searched, reports.get("adaround")
 
 
 def block_output_points(sim: QuantSim) -> list[str]:
@@ -179,7 +194,12 @@ def _quantize_into(run: RunConfig, out_dir: Path, *, log=print) -> dict:
         wb, ab = parse_precision(precision)
         for method in methods_for(run, precision):
             t0 = time.perf_counter()
-            sim, searched, ada = calibrated_sim(model, q, method, precision, cal_batches)
+            sim, pass_reports = run_method(model, q, method, precision, cal_batches)
+            searched = pass_reports.pop("range_search", None)
+            if "learn_ranges" in pass_reports:
+                searched = {**(searched or {}), "learned": pass_reports.pop("learn_ranges")}
+            ada = pass_reports.pop("adaround", None)
+            pass_reports.pop("bias_correction", None)
             with torch.inference_mode():
                 logits = torch.cat([sim(b) for b in _batches(held_x, 500)]).numpy()
             outputs[f"{precision}.{method.name}"] = logits
@@ -203,7 +223,7 @@ def _quantize_into(run: RunConfig, out_dir: Path, *, log=print) -> dict:
             top1 = topk_accuracy(logits, held.labels, 1)
             row = {
                 "precision": precision,
-                "method": asdict(method),
+                "method": method.to_dict(),
                 "top1": top1,
                 "top5": topk_accuracy(logits, held.labels, 5),
                 "top1_delta": top1 - float_top1,
@@ -215,6 +235,7 @@ def _quantize_into(run: RunConfig, out_dir: Path, *, log=print) -> dict:
                 "weight_bytes": weight_bytes(sim),
                 "adaround": ada,
                 "range_search": searched,
+                "pass_reports": pass_reports,  # passes beyond the built-in ones, by name
                 "artifacts": artifacts,
                 "ranges": sim.ranges(),
                 "seconds": round(time.perf_counter() - t0, 1),
