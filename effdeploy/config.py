@@ -327,6 +327,9 @@ class QuantConfig(_Strict):
     # the search (quant/passes.py: learn_ranges): for a loss spread thinly over every point
     learn_ranges: bool = False
     learn_ranges_steps: int = Field(500, ge=1)
+    block_reconstruction: bool = False  # BRECQ + QDrop per MBConv block (quant/block_reconstruction.py)
+    block_reconstruction_iters: int = Field(2000, ge=1)
+    qdrop_prob: float = Field(0.5, ge=0, le=1)  # chance an activation element stays float while reconstructing
     # no range past a sigmoid's saturation for the tensors a sigmoid reads (SE gate logits, SiLU
     # inputs' lower end): no output changes, the grid inside gets finer (quant/sim.py)
     saturate_sigmoid_inputs: bool = True
