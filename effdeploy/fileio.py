@@ -7,6 +7,7 @@ refuse an unwritable output path before any work starts (``check_writable_file``
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -144,9 +145,10 @@ def staged_dir(
     staged under the same name) make way for every staged entry, ``last`` (the manifest) moved in
     after all the others, with SIGINT and SIGTERM held back meanwhile; a failure while moving puts
     the previous set back. Other entries of ``final`` (another command's files) stay untouched.
-    When the body fails or is interrupted, ``final`` is not touched. The staging folder is always
-    removed.
+    When the body fails or is interrupted, ``final`` is not touched; an EffdeployError that names
+    a staged file names it under ``final``. The staging folder is always removed.
     """
+    given = Path(final)
     final = Path(os.path.abspath(final))
     beside = final.parent
     beside.mkdir(parents=True, exist_ok=True)
@@ -155,8 +157,30 @@ def staged_dir(
     try:
         yield stage
         _commit(stage, final, owns or (lambda _name: False), last)
+    except EffdeployError as err:
+        raise EffdeployError(relocate(str(err), stage, given)) from None
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+
+
+def relocate(obj, old: Path, new: Path):
+    """``obj`` (a string, or JSON-like lists and dicts of them) with every mention of the folder
+    ``old`` replaced by ``new``: what a run staged in ``old`` recorded, as it will be found."""
+    if isinstance(obj, str):
+        return obj.replace(str(old), str(new))
+    if isinstance(obj, dict):
+        return {k: relocate(v, old, new) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(relocate(v, old, new) for v in obj)
+    return obj
+
+
+def relocate_json_file(path: Path, old: Path, new: Path) -> None:
+    """Rewrite the JSON file ``path`` in place (atomically) with ``old`` mentioned as ``new``."""
+    text = path.read_text()
+    escaped_old, escaped_new = json.dumps(str(old))[1:-1], json.dumps(str(new))[1:-1]
+    if escaped_old in text:
+        atomic_write_text(path, text.replace(escaped_old, escaped_new))
 
 
 def _commit(stage: Path, final: Path, owns: Callable[[str], bool], last: str | None) -> None:

@@ -122,6 +122,16 @@ def test_failure_while_moving_puts_the_previous_set_back(tmp_path: Path, monkeyp
     assert leftovers(tmp_path) == []
 
 
+def test_an_error_names_the_file_where_it_would_have_been(tmp_path: Path) -> None:
+    from effdeploy.errors import EffdeployError
+
+    out = tmp_path / "out"
+    with pytest.raises(EffdeployError) as err:
+        with staged_dir(out) as stage:
+            raise EffdeployError(f"{stage / 'model.onnx'}: ONNX export failed")
+    assert str(err.value) == f"{out / 'model.onnx'}: ONNX export failed"
+
+
 def test_signals_wait_until_the_set_is_in_place() -> None:
     received = []
     previous = signal.signal(signal.SIGTERM, lambda signum, _frame: received.append(signum))
@@ -301,16 +311,19 @@ def test_quantize_set_is_all_or_nothing(tmp_path: Path, monkeypatch: pytest.Monk
 
     def complete(run, stage, *, log=print):
         (stage / "model_w8a8.onnx").write_bytes(b"w8a8 run 2")
-        (stage / "report.json").write_text('{"run": 2}')
-        return {"run": 2}
+        # a failing peer's message names the file it was writing: in the staging folder
+        report = {"run": 2, "peers": [{"error": f"{stage / 'peer_x_w8a8.onnx'}: quantize_static failed"}]}
+        (stage / "report.json").write_text(json.dumps(report))
+        return report
 
     monkeypatch.setattr(qp, "_quantize_into", complete)
-    assert qp.quantize_run(RunConfig(), out) == {"run": 2}
+    expected = {"run": 2, "peers": [{"error": f"{out / 'peer_x_w8a8.onnx'}: quantize_static failed"}]}
+    assert qp.quantize_run(RunConfig(), out) == expected  # recorded paths are where files are found
     assert snapshot(out) == {
         "manifest.json": b"{}",
         "model.onnx": b"export's file",
         "model_w8a8.onnx": b"w8a8 run 2",
-        "report.json": b'{"run": 2}',
+        "report.json": json.dumps(expected).encode(),
     }
     assert leftovers(tmp_path) == []
 

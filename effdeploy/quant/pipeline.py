@@ -140,11 +140,13 @@ def quantize_run(run: RunConfig, out_dir: str | Path, *, log=print) -> dict:
     """Quantize and measure ``run``; its files (report, plot, outputs, runtime and peer artifacts)
     are staged and moved into ``out_dir`` together when the run completes, so an interrupted run
     leaves the previous complete set (fileio.staged_dir). A bad ``out_dir`` fails before any work."""
-    from effdeploy.fileio import check_writable_dir, staged_dir
+    from effdeploy.fileio import check_writable_dir, relocate, relocate_json_file, staged_dir
 
     check_writable_dir(out_dir, "--out")
     with staged_dir(out_dir, owns=lambda name: QUANT_SET.fullmatch(name) is not None, last="report.json") as stage:
-        return _quantize_into(run, stage, log=log)
+        report = _quantize_into(run, stage, log=log)
+        relocate_json_file(stage / "report.json", stage, Path(out_dir))  # paths as they will be found
+    return relocate(report, stage, Path(out_dir))
 
 
 #: What a quantize run writes: an earlier run's files of these names leave when a new set arrives.
