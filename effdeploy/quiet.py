@@ -7,6 +7,8 @@ loud in three ways, and each needs its own switch:
   torchao ("Failed to load ....so"), onnxruntime.quantization ("Please consider pre-processing",
   logged on the root logger). Their loggers are raised to ERROR once they exist.
 - Python warnings raised inside these packages: ignored.
+- onnxruntime's histogram calibrators print their progress to stdout ("Collecting tensor data
+  and making histogram ..."): that module's ``print`` is made silent.
 - Native libraries writing to file descriptor 2. The converter under litert-torch logs through
   absl while its shared library loads ("WARNING: All log messages before absl::InitializeLog()
   ...", oneDNN's notice), before any setting can reach it: TF_CPP_MIN_LOG_LEVEL, GLOG_minloglevel
@@ -243,9 +245,19 @@ def _after_interpreter(module) -> None:
     cls.allocate_tensors = allocate_tensors
 
 
+def _silent_print(*args, **kwargs) -> None:
+    return None
+
+
+def _after_calibrate(module) -> None:
+    """The module's own ``print`` shadows the builtin for its code only."""
+    module.print = _silent_print
+
+
 _AFTER_IMPORT = {
     "torch": _after_torch,
     "onnxruntime": _after_onnxruntime,
+    "onnxruntime.quantization.calibrate": _after_calibrate,
     "ai_edge_litert.interpreter": _after_interpreter,
     "tflite_runtime.interpreter": _after_interpreter,
 }
