@@ -195,7 +195,7 @@ def test_cli_profile_missing_config(repo_root: Path, tmp_path: Path) -> None:
     assert str(cfg) in line
 
 
-def test_cli_unbuilt_verb_is_one_line_error(repo_root: Path) -> None:
-    proc = run_cli("bench", cwd=repo_root)
+def test_cli_bench_bad_backend_is_one_line_error(repo_root: Path) -> None:
+    proc = run_cli("bench", "--backend", "tpu9", cwd=repo_root)
     line = assert_one_line_error(proc)
-    assert "bench" in line
+    assert "--backend: unknown 'tpu9'" in line
