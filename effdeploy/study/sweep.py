@@ -110,7 +110,10 @@ def execute_cell(
     return {"status": status, "reason": reason, "seconds": round(time.perf_counter() - t0, 1)}
 
 
-def _init_worker(threads: int) -> None:
+def _init_worker(threads: int, verbose: bool = False) -> None:
+    from effdeploy.quiet import quiet_third_party
+
+    quiet_third_party(verbose)  # a worker is a fresh process: quiet it as the CLI quiets itself
     _set_threads(threads)
 
 
@@ -214,7 +217,12 @@ def _run_pool(jobs, root, cell_fn, n_jobs, ray_address, echo):
     cwd = os.getcwd()
     # spawn: a forked copy of a process that has used torch's thread pool can hang in OpenMP
     ctx = mp.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=n_jobs, mp_context=ctx, initializer=_init_worker, initargs=(1,)) as pool:
+    with ProcessPoolExecutor(
+        max_workers=n_jobs,
+        mp_context=ctx,
+        initializer=_init_worker,
+        initargs=(1, os.environ.get("EFFDEPLOY_VERBOSE", "") == "1"),
+    ) as pool:
         futures = {pool.submit(execute_cell, cell_fn, j.run, str(root), j.key, j.inputs, cwd): j for j in jobs}
         for fut in as_completed(futures):
             try:
