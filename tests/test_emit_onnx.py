@@ -8,10 +8,14 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from conftest import TINY_CONFIG
 from test_quant_core import _trained_like
+from torch import nn
 
-from effdeploy.quant.emit_onnx import emit_qdq_onnx
-from effdeploy.quant.sim import QuantSim
+from effdeploy.metrics import snr_db
+from effdeploy.model.blocks import MBConv, SqueezeExcite
+from effdeploy.quant.emit_onnx import emit_qdq_onnx, spatial_means_to_global_pool
+from effdeploy.quant.sim import QuantSim, SiLUParts
 
 
 def _point_outputs(path, sim: QuantSim, x: np.ndarray) -> dict[str, np.ndarray]:
@@ -49,6 +53,9 @@ def test_qdq_model_reproduces_every_simulated_tensor(tiny_config: dict, tmp_path
     assert bias_types == {onnx.TensorProto.INT32}
     weight_types = {i.data_type for i in graph.initializer if i.name.endswith("_wq")}
     assert weight_types == {onnx.TensorProto.INT4 if wb == 4 else onnx.TensorProto.INT8}
+    # activations in 8-bit storage are uint8, the type onnxruntime's x86 integer kernels take
+    act_zp_types = {i.data_type for i in graph.initializer if i.name.endswith("_zero_point")}
+    assert act_zp_types == {onnx.TensorProto.INT4 if ab == 4 else onnx.TensorProto.UINT8}
     assert not any(i.name.endswith(".weight") for i in graph.initializer)  # no float weights left
     # weights are raw bytes, a byte per int8 and half a byte per int4 value, and decode to the
     # simulation's grid integers
@@ -94,3 +101,104 @@ def test_tf_same_padding_keeps_the_conv_integer(tiny_config: dict, tmp_path) -> 
     logits = s.run(None, {"images": x.numpy()})[0]
     step = sim.points["classifier"].qparams.scale
     assert np.abs(logits - sim(x).numpy()).max() <= 2 * step + 1e-6
+
+
+def _optimized_graph(path, tmp_path):
+    """onnxruntime's CPU graph after all optimizations, with the session options the backend uses."""
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.add_session_config_entry("session.x64quantprecision", "1")
+    so.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return session, onnx.load(so.optimized_model_filepath).graph
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("variant", "placement"),
+    [("b0", "after"), ("lite0", "none")],  # SiLU + SE; ReLU6 without SE (Lite0's blocks)
+)
+def test_onnxruntime_runs_every_layer_in_integer(tmp_path, variant: str, placement: str) -> None:
+    """In onnxruntime's optimized CPU graph every conv (depthwise included), SiLU (sigmoid and
+    product), SE gate, SE multiply, mean, residual add and the classifier is an integer kernel:
+    the only float boundary is the input's Q and the logits' DQ. The counts come from the PyTorch
+    modules, not from the emitted graph."""
+    torch.manual_seed(0)
+    model = _trained_like({**TINY_CONFIG, "variant": variant}, placement)
+    sim = QuantSim(model, weight_bits=8, act_bits=8)
+    sim.calibrate([torch.randn(16, 3, 32, 32)])
+    path = emit_qdq_onnx(sim, tmp_path / "q.onnx")
+    session, graph = _optimized_graph(path, tmp_path)
+
+    modules = list(sim.model.modules())
+    convs = [m for m in modules if isinstance(m, nn.Conv2d)]
+    silus = sum(isinstance(m, SiLUParts) for m in modules)
+    ses = sum(isinstance(m, SqueezeExcite) for m in modules)
+    residuals = sum(isinstance(m, MBConv) and m.spec.has_residual for m in modules)
+    assert residuals > 0 and any(c.groups > 1 for c in convs)
+    assert (silus > 0 and ses > 0) == (variant == "b0")
+
+    ops = [n.op_type for n in graph.node]
+    integer_or_layout = {
+        "QLinearConv", "QLinearSigmoid", "QLinearMul", "QLinearAdd", "QLinearGlobalAveragePool", "QGemm",
+        "Transpose", "Reshape", "QuantizeLinear", "DequantizeLinear",
+    }  # fmt: skip
+    assert set(ops) <= integer_or_layout, sorted(set(ops) - integer_or_layout)
+    assert ops.count("QuantizeLinear") == 1 and ops.count("DequantizeLinear") == 1
+    qconvs = [n for n in graph.node if n.op_type == "QLinearConv"]
+    groups = [next((a.i for a in n.attribute if a.name == "group"), 1) for n in qconvs]
+    assert len(qconvs) == len(convs)
+    assert sum(g > 1 for g in groups) == sum(c.groups > 1 for c in convs)  # the depthwise convs
+    assert ops.count("QLinearSigmoid") == silus + ses
+    assert ops.count("QLinearMul") == silus + ses
+    assert ops.count("QLinearAdd") == residuals
+    assert ops.count("QLinearGlobalAveragePool") == ses + 1
+    assert ops.count("QGemm") == 1
+    # NHWC throughout: one Transpose into it after the input's Q, one out of it before the flatten
+    assert ops.count("Transpose") == 2
+
+    # the integer graph keeps the runtime contract with the simulation
+    x = torch.randn(64, 3, 32, 32)
+    logits = session.run(None, {"images": x.numpy()})[0]
+    ref = sim(x).numpy()
+    float_logits = sim.run_capture(x, quantized=False)[0].numpy()
+    assert np.mean(logits.argmax(1) == ref.argmax(1)) >= 0.99
+    assert abs(snr_db(float_logits, logits) - snr_db(float_logits, ref)) <= 1.0
+
+
+def _reduce_mean_model(cases):
+    """One ReduceMean per (input shape, axes, keepdims), each on its own graph input."""
+    from onnx import TensorProto, helper
+
+    nodes, inputs, outputs, inits = [], [], [], []
+    for k, (shape, axes, keepdims) in enumerate(cases):
+        inputs.append(helper.make_tensor_value_info(f"x{k}", TensorProto.FLOAT, shape))
+        outputs.append(helper.make_tensor_value_info(f"y{k}", TensorProto.FLOAT, None))
+        inits.append(onnx.numpy_helper.from_array(np.array(axes, np.int64), f"axes{k}"))
+        nodes.append(helper.make_node("ReduceMean", [f"x{k}", f"axes{k}"], [f"y{k}"], keepdims=keepdims))
+    graph = helper.make_graph(nodes, "means", inputs, outputs, inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+
+
+def test_spatial_means_become_global_pool() -> None:
+    """Only a keepdims mean over exactly H and W of a rank-4 tensor is a GlobalAveragePool; it
+    gives onnxruntime's ReduceMean values, and the axes it no longer reads leave the file."""
+    cases = [
+        ((2, 5, 7, 3), [2, 3], 1),
+        ((2, 5, 7, 3), [-1, -2], 1),
+        ((2, 5, 7, 3), [2, 3], 0),  # drops H and W: not a pool's shape
+        ((2, 5, 7, 3), [1, 2, 3], 1),  # channels too
+        ((2, 5, 7), [1, 2], 1),  # rank 3
+    ]
+    model = _reduce_mean_model(cases)
+    rng = np.random.default_rng(0)
+    feeds = {f"x{k}": rng.standard_normal(shape).astype(np.float32) for k, (shape, _, _) in enumerate(cases)}
+    before = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+    assert spatial_means_to_global_pool(model) == 2
+    assert [n.op_type for n in model.graph.node] == ["GlobalAveragePool"] * 2 + ["ReduceMean"] * 3
+    assert sorted(i.name for i in model.graph.initializer) == ["axes2", "axes3", "axes4"]
+    after = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+    for k, (a, b) in enumerate(zip(before, after, strict=True)):
+        assert a.shape == b.shape, k
+        np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(after[0][:, :, 0, 0], feeds["x0"].mean(axis=(2, 3)), rtol=1e-5)

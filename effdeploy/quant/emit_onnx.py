@@ -8,8 +8,19 @@ The BN-folded simulation graph is exported once (dynamo exporter), then:
 - every conv / linear weight becomes an integer initializer with a per-channel DequantizeLinear
   (axis 0), 4-bit weights as INT4 (opset 21); biases become int32 with scale s_in * s_w, the
   layout onnxruntime fuses into integer kernels;
-- activations of 8 bits use INT8, 4 bits INT4; other widths are stored in INT8 with a Clip to
-  their range in front of the QuantizeLinear, which is exact.
+- activations of 8 bits use UINT8 (the simulation's signed grid shifted by 128: the same real
+  values), 4 bits INT4; other widths are stored in UINT8 with a Clip to their range in front of
+  the QuantizeLinear, which is exact;
+- a spatial ReduceMean (keepdims, axes H and W) becomes GlobalAveragePool, the same mean.
+
+Why UINT8 and GlobalAveragePool: onnxruntime's CPU provider on x86 fuses Q/DQ groups into
+integer kernels only for uint8 activations (``QDQIsInt8Allowed()`` is false off ARM). Its
+QDQS8ToU8Transformer turns an int8 Q -> DQ pair into uint8 only where the Q has a single reader,
+but a tensor read twice (a residual sum, a SiLU input read by Sigmoid and Mul) has its
+DequantizeLinear duplicated first, so such int8 tensors stayed int8 and every Conv / Mul / Add
+touching them stayed float, with a Transpose pair around each for the NHWC integer kernels.
+In uint8 every Conv (depthwise included), Sigmoid, Mul and Add becomes a QLinear kernel; the SE
+and head means become QLinearGlobalAveragePool (ReduceMean has no integer kernel).
 """
 
 from __future__ import annotations
@@ -48,10 +59,63 @@ def emit_qdq_onnx(sim: QuantSim, path: str | Path) -> Path:
         model = onnx.load(str(tmp))
         tensor_of = point_tensors(model, sim)  # before conversion: it drops node metadata
         model = onnx.version_converter.convert_version(model, OPSET)  # INT4 needs opset 21
+        spatial_means_to_global_pool(model)
         _insert_qdq(model, sim, tensor_of)
         onnx.checker.check_model(model, full_check=True)
         onnx.save(model, str(tmp))
     return path
+
+
+def _stored_zero_point(qp, storage: int) -> int:
+    """The zero point in the stored type: UINT8 holds the signed grid shifted by 128 (q + 128 with
+    zero point z + 128 dequantizes to the same value, and QuantizeLinear's rounding and
+    saturation shift with it); INT4 holds it as is."""
+    from onnx import TensorProto
+
+    if storage == TensorProto.UINT8 and qp.qmin < 0:
+        return qp.zero_point + 128
+    return qp.zero_point
+
+
+def spatial_means_to_global_pool(model) -> int:
+    """Replace every ReduceMean over H and W (keepdims, of a rank-4 tensor) with
+    GlobalAveragePool, which onnxruntime runs as an integer kernel between Q/DQ; returns how many.
+
+    The rank comes from the exporter's value_info (or the graph input); a ReduceMean whose rank
+    or axes are unknown stays."""
+    from onnx import numpy_helper
+
+    graph = model.graph
+    rank = {v.name: len(v.type.tensor_type.shape.dim) for v in list(graph.value_info) + list(graph.input)}
+    init_by_name = {i.name: i for i in graph.initializer}
+    replaced = 0
+    dropped_inputs = []
+    for n in graph.node:
+        if n.op_type != "ReduceMean" or n.domain not in ("", "ai.onnx") or rank.get(n.input[0]) != 4:
+            continue
+        attrs = {a.name: a for a in n.attribute}
+        if "keepdims" in attrs and attrs["keepdims"].i != 1:
+            continue
+        if len(n.input) > 1 and n.input[1]:
+            if n.input[1] not in init_by_name:
+                continue
+            axes = numpy_helper.to_array(init_by_name[n.input[1]]).tolist()
+        elif "axes" in attrs:
+            axes = list(attrs["axes"].ints)
+        else:
+            continue  # all axes (or none, with noop_with_empty_axes)
+        if sorted(int(a) % 4 for a in axes) != [2, 3]:
+            continue
+        dropped_inputs += list(n.input[1:])
+        n.op_type = "GlobalAveragePool"
+        del n.input[1:]
+        del n.attribute[:]
+        replaced += 1
+    still_read = {i for n in graph.node for i in n.input}
+    for name in set(dropped_inputs) - still_read:
+        if name in init_by_name:
+            graph.initializer.remove(init_by_name[name])
+    return replaced
 
 
 def _key(name: str) -> str:
@@ -104,11 +168,11 @@ def _insert_qdq(model, sim: QuantSim, tensor_of: dict[str, str]) -> None:
         key = _key(name)
         s_name, z_name = f"{key}_scale", f"{key}_zero_point"
         bits = p.bits if p.bits <= 8 else 8
-        storage = TensorProto.INT4 if bits == 4 else TensorProto.INT8
+        storage = TensorProto.INT4 if bits == 4 else TensorProto.UINT8
         inits.append(numpy_helper.from_array(np.array(qp.scale, dtype=np.float32), s_name))
-        inits.append(helper.make_tensor(z_name, storage, [], [qp.zero_point]))
+        inits.append(helper.make_tensor(z_name, storage, [], [_stored_zero_point(qp, storage)]))
         src = tensor
-        if bits not in (4, 8):  # no ONNX type of this width: clip to the range, store in int8
+        if bits not in (4, 8):  # no ONNX type of this width: clip to the range, store in uint8
             lo_name, hi_name = f"{key}_lo", f"{key}_hi"
             inits += [
                 numpy_helper.from_array(np.array(qp.lo, dtype=np.float32), lo_name),
