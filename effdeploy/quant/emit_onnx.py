@@ -17,8 +17,8 @@ Why UINT8 and GlobalAveragePool: onnxruntime's CPU provider on x86 fuses Q/DQ gr
 integer kernels only for uint8 activations (``QDQIsInt8Allowed()`` is false off ARM). Its
 QDQS8ToU8Transformer turns an int8 Q -> DQ pair into uint8 only where the Q has a single reader,
 but a tensor read twice (a residual sum, a SiLU input read by Sigmoid and Mul) has its
-DequantizeLinear duplicated first, so such int8 tensors stayed int8 and every Conv / Mul / Add
-touching them stayed float, with a Transpose pair around each for the NHWC integer kernels.
+DequantizeLinear duplicated first: an int8 tensor there keeps int8, and every Conv / Mul / Add
+touching it runs in float, with a Transpose pair around each for the NHWC integer kernels.
 In uint8 every Conv (depthwise included), Sigmoid, Mul and Add becomes a QLinear kernel; the SE
 and head means become QLinearGlobalAveragePool (ReduceMean has no integer kernel).
 """
