@@ -45,6 +45,7 @@ def unregister_pass(name: str) -> None:
 
 
 def _load_builtin() -> None:
+    import effdeploy.quant.block_reconstruction  # noqa: F401
     import effdeploy.quant.passes  # noqa: F401  (registers the built-in passes)
 
 
