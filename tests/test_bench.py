@@ -52,6 +52,14 @@ def test_cpu_info_reads_int8_flags() -> None:
     assert cpu_info(ARM)["flags"] == ["asimddp", "i8mm"]
 
 
+def test_exact_int8_path_only_where_int8_may_saturate() -> None:
+    from effdeploy.runtime.cpu import int8_may_saturate
+
+    assert int8_may_saturate(cpu_info(AVX2_ONLY) | {"arch": "x86_64"}) is True
+    assert int8_may_saturate(cpu_info(VNNI) | {"arch": "x86_64"}) is False
+    assert int8_may_saturate(cpu_info(ARM) | {"arch": "aarch64"}) is False
+
+
 def test_artifact_roles(tmp_path: Path) -> None:
     names = [
         "model.onnx",

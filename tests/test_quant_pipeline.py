@@ -104,7 +104,10 @@ def test_quantize_report(run: RunConfig, tmp_path: Path) -> None:
         if r["method"]["name"] == "ours":
             a = arts["onnx_qdq"]
             assert (out / a["file"]).is_file() and a["runtime"] == "onnxruntime"
-            assert a["session_options"]["session.x64quantprecision"] == 1
+            # the exact int8 path exactly where the default one may saturate (x86 without VNNI)
+            from effdeploy.runtime.cpu import int8_may_saturate
+
+            assert a["session_options"]["session.x64quantprecision"] == int(int8_may_saturate())
             assert 0 <= a["agreement_with_simulation"] <= 1
             assert a["within_contract"] == (a["agreement_with_simulation"] >= 0.99 and abs(a["snr_gap_db"]) < 1)
             # per-layer SNR read from onnxruntime for every point the QDQ model materialises

@@ -11,7 +11,8 @@ import os
 import platform
 from importlib import metadata
 
-FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8", "asimddp", "i8mm")
+from effdeploy.runtime.cpu import FLAGS, cpu_info  # noqa: F401  (re-exported: the machine record)
+
 LIBRARIES = (
     "effdeploy",
     "torch",
@@ -22,31 +23,6 @@ LIBRARIES = (
     "ai-edge-quantizer",
     "litert-torch",
 )
-
-
-def cpu_info(cpuinfo: str | None = None) -> dict:
-    """CPU model and the int8-relevant flags, read from /proc/cpuinfo (Linux) or platform."""
-    if cpuinfo is None:
-        try:
-            with open("/proc/cpuinfo") as f:
-                cpuinfo = f.read()
-        except OSError:
-            cpuinfo = ""
-    model, flags = platform.processor() or platform.machine(), set()
-    for line in cpuinfo.splitlines():
-        key, _, value = line.partition(":")
-        key = key.strip()
-        if key in ("model name", "Model", "Hardware") and value.strip():
-            model = value.strip()
-        elif key in ("flags", "Features"):
-            flags |= set(value.split())
-    present = [f for f in FLAGS if f in flags]
-    return {
-        "model": model,
-        "arch": platform.machine(),
-        "flags": present,
-        "vnni": any(f in flags for f in ("avx512_vnni", "avx_vnni")),
-    }
 
 
 def library_versions() -> dict[str, str]:

@@ -1,9 +1,12 @@
 """onnxruntime on CPU.
 
 ``x64quantprecision``: on x86 CPUs without VNNI, onnxruntime's default int8 kernels can
-saturate their intermediate sums (a W8A8 Lite0 QDQ model measured 7.9 dB here); the session
-option ``session.x64quantprecision=1`` selects the exact path (19.3 dB). It is on by default,
-and every report states the options used.
+saturate their intermediate sums (a W8A8 Lite0 QDQ model measured 7.9 dB on such a CPU); the
+session option ``session.x64quantprecision=1`` selects the exact path (19.3 dB). That path
+converts int8 weights to uint8 and runs U8U8 kernels, which on a VNNI CPU are slower than float
+(benchmarks/results/ort_int8_fusion.md), and VNNI does not saturate. So by default it is on
+exactly where int8 may saturate (``runtime.cpu.int8_may_saturate``); every report states the
+options used.
 """
 
 from __future__ import annotations
@@ -19,12 +22,16 @@ from effdeploy.runtime.base import register
 class OnnxRuntimeBackend:
     name = "onnxruntime"
 
-    def __init__(self, path: str | Path, threads: int | None = None, x64quantprecision: bool = True) -> None:
+    def __init__(self, path: str | Path, threads: int | None = None, x64quantprecision: bool | None = None) -> None:
         import onnxruntime as ort
 
         path = Path(path)
         if not path.is_file():
             raise EffdeployError(f"{path}: ONNX model not found")
+        if x64quantprecision is None:
+            from effdeploy.runtime.cpu import int8_may_saturate
+
+            x64quantprecision = int8_may_saturate()
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads
