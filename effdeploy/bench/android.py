@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from effdeploy.bench.record import Record
+from effdeploy.bench.record import Record, check_bench_inputs
 from effdeploy.bench.tool_logs import parse_benchmark_litert_model, parse_benchmark_model
 from effdeploy.errors import EffdeployError
 from effdeploy.metrics import snr_db, topk_accuracy
@@ -228,15 +228,9 @@ def bench_android(
     and top-1, computed from the phone's own outputs. ``dispatch_library``: the NPU vendor's
     dispatch library for ``litert-npu``, a local file (pushed) or a path on the phone.
     """
-    tflites = [Path(a) for a in artifacts if Path(a).suffix == ".tflite"]
-    for a in tflites:
-        if not a.is_file():
-            raise EffdeployError(f"{a}: TFLite model not found")
-    if images is not None:
-        images = np.asarray(images, dtype=np.float32)
-        for name, arr in (("float_logits", float_logits), ("labels", labels)):
-            if arr is not None and len(arr) != len(images):
-                raise EffdeployError(f"android bench: {len(images)} images but {len(arr)} {name}")
+    tflites, images = check_bench_inputs(
+        "android", [a for a in artifacts if Path(a).suffix == ".tflite"], images, float_logits, labels
+    )
     if not tflites:
         return []
     ios = {a: model_io(a) for a in tflites}  # a broken file fails here, before any phone is touched

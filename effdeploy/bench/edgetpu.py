@@ -19,7 +19,7 @@ import numpy as np
 from effdeploy.bench.artifacts import classify
 from effdeploy.bench.edgetpu_compiler import CompileResult, Skipped, command_line, compile_edgetpu
 from effdeploy.bench.edgetpu_preflight import Preflight, format_preflight, preflight
-from effdeploy.bench.record import Record
+from effdeploy.bench.record import Record, check_bench_inputs
 from effdeploy.bench.stats import latency_stats
 from effdeploy.errors import EffdeployError
 from effdeploy.metrics import snr_db, topk_accuracy
@@ -50,15 +50,7 @@ def bench_edgetpu(
     TPU's outputs. Latency is timed on the first image (a zero image without ``images``)."""
     if runs < 1 or warmup < 0:
         raise EffdeployError(f"edgetpu bench: runs must be >= 1 and warmup >= 0 (got {runs}, {warmup})")
-    paths = [Path(a) for a in artifacts]
-    for p in paths:
-        if not p.is_file():
-            raise EffdeployError(f"{p}: TFLite model not found")
-    if images is not None:
-        images = np.asarray(images, dtype=np.float32)
-        for name, arr in (("float_logits", float_logits), ("labels", labels)):
-            if arr is not None and len(arr) != len(images):
-                raise EffdeployError(f"edgetpu bench: {len(images)} images but {len(arr)} {name}")
+    paths, images = check_bench_inputs("edgetpu", artifacts, images, float_logits, labels)
     work_dir = Path(work_dir)
     records = []
     seen: dict[str, int] = {}

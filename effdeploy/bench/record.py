@@ -8,6 +8,11 @@ reason and ``None`` for what it could not measure.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from effdeploy.errors import EffdeployError
 
 
 @dataclass
@@ -35,3 +40,18 @@ class Record:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def check_bench_inputs(who: str, paths, images, float_logits, labels):
+    """Existing model files, and images / float logits / labels of one length: what every device
+    bench checks before touching a device. Returns the paths and the images as float32."""
+    paths = [Path(p) for p in paths]
+    for p in paths:
+        if not p.is_file():
+            raise EffdeployError(f"{p}: TFLite model not found")
+    if images is not None:
+        images = np.asarray(images, dtype=np.float32)
+        for name, arr in (("float_logits", float_logits), ("labels", labels)):
+            if arr is not None and len(arr) != len(images):
+                raise EffdeployError(f"{who} bench: {len(images)} images but {len(arr)} {name}")
+    return paths, images

@@ -56,14 +56,9 @@ def default_library() -> str:
 
 
 def _load_delegate_fn():
-    try:
-        from ai_edge_litert.interpreter import load_delegate
-    except ImportError:  # Coral boards ship tflite_runtime instead
-        try:
-            from tflite_runtime.interpreter import load_delegate
-        except ImportError:
-            raise EffdeployError("LiteRT runtime missing: pip install ai-edge-litert (or tflite-runtime)") from None
-    return load_delegate
+    from effdeploy.runtime.litert_backend import interpreter_module
+
+    return interpreter_module().load_delegate
 
 
 def load_edgetpu_delegate(library: str | None = None, device: str | None = None):

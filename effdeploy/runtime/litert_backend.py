@@ -10,15 +10,21 @@ from effdeploy.errors import EffdeployError
 from effdeploy.runtime.base import register
 
 
-def _interpreter_cls():
+def interpreter_module():
+    """``ai_edge_litert.interpreter``, or ``tflite_runtime.interpreter`` where only that exists
+    (Coral boards ship it): Interpreter and load_delegate come from the same one."""
     try:
-        from ai_edge_litert.interpreter import Interpreter
-    except ImportError:  # Coral boards ship tflite_runtime instead
+        from ai_edge_litert import interpreter
+    except ImportError:
         try:
-            from tflite_runtime.interpreter import Interpreter
+            from tflite_runtime import interpreter
         except ImportError:
             raise EffdeployError("LiteRT runtime missing: pip install ai-edge-litert (or tflite-runtime)") from None
-    return Interpreter
+    return interpreter
+
+
+def _interpreter_cls():
+    return interpreter_module().Interpreter
 
 
 def quantize_input(x: np.ndarray, detail: dict) -> np.ndarray:
