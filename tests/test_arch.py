@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 from hypothesis import given, settings
@@ -11,9 +9,7 @@ from hypothesis import strategies as st
 
 from effdeploy.config import ModelConfig
 from effdeploy.model.arch import (
-    B0_STAGES,
     CHANNEL_DIVISOR,
-    FAMILY,
     compound_scaling,
     resolve,
     round_channels,
@@ -93,34 +89,65 @@ def test_negative_phi_model_builds_and_runs() -> None:
     repeats=st.integers(min_value=1, max_value=8),
     depth=st.floats(min_value=0.1, max_value=4.0, allow_nan=False, allow_infinity=False),
 )
-def test_round_repeats_is_ceil(repeats: int, depth: float) -> None:
-    assert round_repeats(repeats, depth) == math.ceil(repeats * depth)
+def test_round_repeats_rounds_up(repeats: int, depth: float) -> None:
+    n = round_repeats(repeats, depth)
+    assert isinstance(n, int) and repeats * depth <= n < repeats * depth + 1
+
+
+@pytest.mark.parametrize(
+    ("repeats", "depth", "n"),
+    [(1, 1.1, 2), (4, 1.1, 5), (3, 1.4, 5), (4, 1.8, 8), (4, 2.2, 9), (4, 2.6, 11), (3, 3.1, 10), (1, 3.1, 4)],
+)
+def test_round_repeats_published(repeats: int, depth: float, n: int) -> None:
+    # stage sizes of EfficientNet-B1..B7 (e.g. B7's stage 4: 3 blocks * 3.1 -> 10)
+    assert round_repeats(repeats, depth) == n
 
 
 def test_round_repeats_rounds_up_not_to_nearest() -> None:
     assert round_repeats(2, 1.1) > round(2 * 1.1)  # 2.2 -> 3, not 2
 
 
-@pytest.mark.parametrize(("variant", "n_blocks"), [("b0", 16), ("b1", 23), ("b7", 55)])
-def test_block_count(variant: str, n_blocks: int) -> None:
+# The published networks (paper Table 1 for B0; Keras / timm EfficientNetB0..B7 for the rest):
+# blocks per stage, stage output channels, stem and head widths. Keras names the blocks
+# block1a..block7x, so e.g. B7's stage 6 ends at block6m (13 blocks).
+PUBLISHED = {
+    "b0": ([1, 2, 2, 3, 3, 4, 1], [16, 24, 40, 80, 112, 192, 320], 32, 1280),
+    "b1": ([2, 3, 3, 4, 4, 5, 2], [16, 24, 40, 80, 112, 192, 320], 32, 1280),
+    "b2": ([2, 3, 3, 4, 4, 5, 2], [16, 24, 48, 88, 120, 208, 352], 32, 1408),
+    "b3": ([2, 3, 3, 5, 5, 6, 2], [24, 32, 48, 96, 136, 232, 384], 40, 1536),
+    "b4": ([2, 4, 4, 6, 6, 8, 2], [24, 32, 56, 112, 160, 272, 448], 48, 1792),
+    "b5": ([3, 5, 5, 7, 7, 9, 3], [24, 40, 64, 128, 176, 304, 512], 48, 2048),
+    "b6": ([3, 6, 6, 8, 8, 11, 3], [32, 40, 72, 144, 200, 344, 576], 56, 2304),
+    "b7": ([4, 7, 7, 10, 10, 13, 4], [32, 48, 80, 160, 224, 384, 640], 64, 2560),
+}
+PUBLISHED_BLOCKS = {"b0": 16, "b1": 23, "b2": 23, "b3": 26, "b4": 32, "b5": 39, "b6": 45, "b7": 55}
+
+
+@pytest.mark.parametrize("variant", list(PUBLISHED))
+def test_family_matches_published_shapes(variant: str) -> None:
+    repeats, channels, stem, head = PUBLISHED[variant]
     arch = ModelConfig(variant=variant).arch()
-    assert len(arch.blocks) == n_blocks
-    depth = FAMILY[variant].depth
-    assert n_blocks == sum(math.ceil(s.repeats * depth) for s in B0_STAGES)
+    assert len(arch.blocks) == PUBLISHED_BLOCKS[variant] == sum(repeats)
+    assert [sum(b.stage == s for b in arch.blocks) for s in range(1, 8)] == repeats
+    assert [next(b.out_channels for b in arch.blocks if b.stage == s) for s in range(1, 8)] == channels
+    assert (arch.stem_channels, arch.head_channels) == (stem, head)
 
 
-@pytest.mark.parametrize("variant", ["lite0", "lite2", "lite4"])
+# timm efficientnet_lite0/2/4 blocks per stage: first and last stage stay at one block, the middle
+# ones are scaled by depth 1.0 / 1.2 / 1.8 and rounded up.
+LITE_REPEATS = {
+    "lite0": [1, 2, 2, 3, 3, 4, 1],
+    "lite2": [1, 3, 3, 4, 4, 5, 1],
+    "lite4": [1, 4, 4, 6, 6, 8, 1],
+}
+
+
+@pytest.mark.parametrize("variant", list(LITE_REPEATS))
 def test_lite_keeps_stem_head_and_end_stages(variant: str) -> None:
     arch = ModelConfig(variant=variant).arch()
     assert arch.stem_channels == 32
     assert arch.head_channels == 1280
-    stages = [b.stage for b in arch.blocks]
-    assert stages.count(1) == B0_STAGES[0].repeats
-    assert stages.count(len(B0_STAGES)) == B0_STAGES[-1].repeats
-    # middle stages are scaled like the B-family
-    depth = FAMILY[variant].depth
-    for i in range(2, len(B0_STAGES)):
-        assert stages.count(i) == math.ceil(B0_STAGES[i - 1].repeats * depth)
+    assert [sum(b.stage == s for b in arch.blocks) for s in range(1, 8)] == LITE_REPEATS[variant]
     assert all(b.se_channels == 0 for b in arch.blocks)
 
 
@@ -128,11 +155,10 @@ def test_lite4_versus_b4_fixed_stem_head() -> None:
     lite4 = ModelConfig(variant="lite4").arch()
     scaled = resolve(width=1.4, depth=1.8)
     assert (lite4.stem_channels, lite4.head_channels) == (32, 1280)
-    assert scaled.stem_channels == round_channels(32, 1.4) > 32
-    assert scaled.head_channels == round_channels(1280, 1.4) > 1280
+    assert (scaled.stem_channels, scaled.head_channels) == (48, 1792)  # EfficientNet-B4's widths
     # the first and last stages of lite4 keep their one block where the unfixed scaling gives more
-    for stage in (1, len(B0_STAGES)):
-        assert sum(b.stage == stage for b in scaled.blocks) == math.ceil(1.8) > 1
+    for stage in (1, 7):
+        assert sum(b.stage == stage for b in scaled.blocks) == 2
         assert sum(b.stage == stage for b in lite4.blocks) == 1
 
 
@@ -151,10 +177,11 @@ def test_block_names_strides_and_drop_path() -> None:
     assert names[-1] == "block7a"
     assert "block6d" in names and "block6e" not in names
     assert len(set(names)) == len(names)
-    # stride only on the first block of a stage, and it is the stage's stride
+    # stride only on the first block of a stage, and it is the stage's stride (paper Table 1)
+    stage_strides = [1, 2, 2, 2, 1, 2, 1]
     for i, b in enumerate(blocks):
         first = i == 0 or blocks[i - 1].stage != b.stage
-        assert b.stride == (B0_STAGES[b.stage - 1].stride if first else 1), b.name
+        assert b.stride == (stage_strides[b.stage - 1] if first else 1), b.name
         assert b.name.startswith(f"block{b.stage}")
     # channels chain: each block's input is the previous block's output
     for prev, b in zip(blocks, blocks[1:], strict=False):
