@@ -40,6 +40,7 @@ def calibrated() -> dict:
     return {"model": model, "x": x}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("wb", [8, 4])
 def test_tflite_carries_simulation_scales(calibrated: dict, tmp_path, wb: int) -> None:
     x = calibrated["x"]
@@ -80,6 +81,7 @@ def test_tflite_carries_simulation_scales(calibrated: dict, tmp_path, wb: int) -
     assert layers["input"] > 35 and len(layers) == len(mapped)
 
 
+@pytest.mark.slow
 def test_tflite_weights_are_the_simulation_grid(calibrated: dict, tmp_path) -> None:
     """min-max weight quantization recovers the simulation's per-channel grid exactly."""
     from ai_edge_litert.interpreter import Interpreter
@@ -105,6 +107,7 @@ def test_tflite_refuses_non_int8_activations(calibrated: dict, tmp_path) -> None
     assert not (tmp_path / "q.tflite").exists()
 
 
+@pytest.mark.slow
 def test_inspect_reports_float_ops(tmp_path) -> None:
     """A float model is reported as such (the check that guards full-integer output)."""
     from effdeploy.export.tflite import export_tflite
@@ -180,6 +183,7 @@ def test_low_bit_weights_in_int8_containers_are_exact(calibrated: dict, tmp_path
     assert out.shape == (8, 10) and np.isfinite(out).all()
 
 
+@pytest.mark.slow
 def test_kernel_check_reproduces_litert_int8_arithmetic(calibrated: dict, tmp_path, repo_root) -> None:
     """benchmarks/litert_kernels.py's integer reference matches LiteRT's int8 kernels to one step
     (a wrong zero-point, scale or bias there would be many steps off)."""

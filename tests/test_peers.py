@@ -4,6 +4,7 @@ and are measured like ours."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from test_quant_core import _trained_like
 
@@ -17,6 +18,7 @@ def test_peers_for_precisions() -> None:
     assert peers_for(4, 4) == [] and peers_for(6, 8) == []  # no peer expresses these
 
 
+@pytest.mark.slow
 def test_run_peers_measures_each(tiny_config: dict, tmp_path) -> None:
     torch.manual_seed(0)
     model = _trained_like(tiny_config)

@@ -74,6 +74,7 @@ def run(tmp_path: Path, repo_root: Path, monkeypatch) -> RunConfig:
     )
 
 
+@pytest.mark.slow
 def test_quantize_report(run: RunConfig, tmp_path: Path) -> None:
     out = tmp_path / "out"
     report = quantize_run(run, out, log=lambda m: None)
@@ -140,6 +141,7 @@ def test_quantize_report(run: RunConfig, tmp_path: Path) -> None:
             assert (qdq.argmax(1) == stored["labels"]).mean() == r["artifacts"]["onnx_qdq"]["top1"]
 
 
+@pytest.mark.slow
 def test_quantize_with_tflite_and_peers(run: RunConfig, tmp_path: Path) -> None:
     """The full-integer TFLite artifact and the peers land in the report beside ours."""
     quant = run.quant.model_copy(update={"precisions": ("w8a8",), "runtimes": ("litert",), "peers": True})
