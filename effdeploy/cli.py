@@ -322,6 +322,7 @@ def quantize(
     precisions: Annotated[str | None, typer.Option(help="comma list, weights first: w8a8,w4a8,w4a4")] = None,
     se_placement: Annotated[str | None, Placement] = None,
     eval_images: Annotated[int | None, typer.Option(help="held-out images to measure on (default all)")] = None,
+    adaround: Annotated[str | None, typer.Option(help="AdaRound: auto (under 8-bit weights) | on | off")] = None,
     adaround_iters: Annotated[int | None, typer.Option(help="AdaRound iterations per layer")] = None,
     range_search: Annotated[
         bool | None,
@@ -346,6 +347,7 @@ def quantize(
             "precisions": ("--precisions", _comma_list(precisions, "--precisions")),
             "se_placement": ("--se-placement", se_placement),
             "eval_images": ("--eval-images", eval_images),
+            "adaround": ("--adaround", adaround),
             "adaround_iters": ("--adaround-iters", adaround_iters),
             "range_search": ("--range-search", range_search),
             "learn_ranges": ("--learn-ranges", learn_ranges),
