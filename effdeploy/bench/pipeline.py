@@ -67,6 +67,16 @@ class BenchOptions:
         return cls(backends=names, serials=serials, **kw)
 
 
+def _command_line() -> str | None:
+    """The effdeploy command that made this result, when run from the command line."""
+    import shlex
+    import sys
+
+    if not sys.argv or Path(sys.argv[0]).name not in ("effdeploy", "cli.py", "__main__.py"):
+        return None
+    return " ".join(["effdeploy", *(shlex.quote(a) for a in sys.argv[1:])])
+
+
 def _rss_mb() -> float | None:
     try:
         with open("/proc/self/statm") as f:
@@ -285,6 +295,7 @@ def bench_run(run: RunConfig, artifact_dir: Path, opts: BenchOptions, *, out: Pa
     result = {
         "name": run.name,
         "artifact_dir": str(artifact_dir),
+        "command": _command_line(),
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": machine,
         "options": {

@@ -15,7 +15,7 @@ def _num(v, fmt: str) -> str:
     return format(v, fmt)
 
 
-def rows(result: dict) -> list[list[str]]:
+def rows(result: dict, status_width: int | None = 60) -> list[list[str]]:
     out = []
     for r in result["records"]:
         lat = r.get("latency_ms") or {}
@@ -33,7 +33,9 @@ def rows(result: dict) -> list[list[str]]:
                 name,
                 backend,
                 r["device"],
-                r["status"] if len(r["status"]) <= 60 else r["status"][:57] + "...",
+                r["status"]
+                if status_width is None or len(r["status"]) <= status_width
+                else r["status"][: status_width - 3] + "...",
                 _num(r.get("size_mb"), ".2f"),
                 "-" if top1 is None else f"{100 * top1:.2f}%",
                 _num(r.get("snr_db"), ".2f"),
@@ -57,8 +59,15 @@ def header_line(result: dict) -> str:
 
 
 def markdown(result: dict) -> list[str]:
-    lines = [f"### {header_line(result)}", "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(c.replace("|", "/") for c in row) + " |" for row in rows(result)]
+    lines = [f"### {header_line(result)}", ""]
+    if result.get("command"):
+        lines += [f"Command: `{result['command']}`", ""]
+    lines += ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(c.replace("|", "/") for c in row) + " |" for row in rows(result, None)]
+    skipped = [r for r in result["records"] if r["status"] != "ok" and r.get("notes")]
+    if skipped:
+        lines += ["", "Notes on the records that did not run:", ""]
+        lines += [f"- {r['artifact']} on {r['backend']}: " + "; ".join(r["notes"]) for r in skipped]
     if result["ratios"]:
         lines += ["", "Median latency against float on the same runtime (one run):", ""]
         lines += [
