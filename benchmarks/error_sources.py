@@ -32,7 +32,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from effdeploy.config import load_run_config, parse_precision
-    from effdeploy.data.datasets import load_images
+    from effdeploy.data.sources import load_images
     from effdeploy.metrics import snr_db, top1_agreement
     from effdeploy.model.checkpoints import load_checkpoint
     from effdeploy.quant.passes import bias_correction

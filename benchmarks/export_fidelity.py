@@ -100,7 +100,7 @@ def conditioned_model(config, data: Path, images: int, seed: int = 0):
     effdeploy.model.conditioning)."""
     import torch
 
-    from effdeploy.data.datasets import load_images
+    from effdeploy.data.sources import load_images
     from effdeploy.model.conditioning import condition_batchnorm_
     from effdeploy.model.efficientnet import EfficientNet
 

@@ -39,7 +39,7 @@ def _passes(method: dict) -> str:
 
 def cross_validate(run, precisions: list[str], folds: int, seed: int, *, log=print) -> dict:
     """Pooled out-of-fold logits of "ours" and min-max at each precision (see the module doc)."""
-    from effdeploy.data.datasets import load_images
+    from effdeploy.data.sources import load_images
     from effdeploy.metrics import snr_db, top1_agreement, topk_accuracy
     from effdeploy.model.checkpoints import load_checkpoint
     from effdeploy.quant import pipeline

@@ -78,7 +78,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from effdeploy.config import load_run_config
-    from effdeploy.data.datasets import load_images
+    from effdeploy.data.sources import load_images
     from effdeploy.errors import EffdeployError
     from effdeploy.report import write_markdown
 

@@ -31,7 +31,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from effdeploy.config import load_run_config
-    from effdeploy.data.datasets import load_images
+    from effdeploy.data.sources import load_images
     from effdeploy.model.checkpoints import load_checkpoint
     from effdeploy.quant.emit_onnx import emit_qdq_onnx, run_points
     from effdeploy.quant.emit_tflite import _nhwc, emit_tflite, run_all_tensors

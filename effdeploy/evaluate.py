@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from effdeploy.data.datasets import load_images
+from effdeploy.data.sources import load_images
 from effdeploy.errors import EffdeployError
 from effdeploy.metrics import topk_accuracy
 

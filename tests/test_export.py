@@ -99,7 +99,7 @@ class ExportCache:
         return self.done[key]
 
     def _b0(self) -> Exported:
-        from effdeploy.data.datasets import load_images
+        from effdeploy.data.sources import load_images
         from effdeploy.export.pipeline import export_run, load_model_for_export
 
         if not IMAGENET_SAMPLES.is_dir():
@@ -118,7 +118,7 @@ class ExportCache:
         return Exported("b0", result, model.config, None, IMAGENET_SAMPLES, inputs, reference)
 
     def _cifar(self, placement: str) -> Exported:
-        from effdeploy.data.datasets import load_images
+        from effdeploy.data.sources import load_images
         from effdeploy.export.pipeline import export_run
         from effdeploy.model.checkpoints import load_checkpoint, save_checkpoint
         from effdeploy.model.conditioning import condition_batchnorm_

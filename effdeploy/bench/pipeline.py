@@ -215,7 +215,7 @@ def bench_run(run: RunConfig, artifact_dir: Path, opts: BenchOptions, *, out: Pa
     """Benchmark every artifact in ``artifact_dir`` on the requested backends; write
     ``bench.json`` (this run), append ``bench.md`` and ``bench_history.jsonl``, plot ``bench.png``."""
     from effdeploy.bench import report as bench_report
-    from effdeploy.data.datasets import load_images
+    from effdeploy.data.sources import load_images
     from effdeploy.fileio import atomic_write_text
     from effdeploy.model.checkpoints import load_checkpoint
     from effdeploy.report import json_safe

@@ -12,14 +12,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from effdeploy.config import PreprocessConfig
-from effdeploy.data.folders import ImageList, relabel, scan_labelled
+from effdeploy.data.folders import ImageList, scan_labelled
 from effdeploy.data.preprocess import load_rgb, normalize, to_pixels
 from effdeploy.fileio import atomic_path
 from effdeploy.progress import progress
@@ -124,35 +123,3 @@ def stratified_sample(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
         rest = np.setdiff1d(np.arange(len(labels)), out)
         out = np.concatenate([out, rest[rng.permutation(len(rest))[: n - len(out)]]])
     return np.sort(out)
-
-
-def load_images(
-    source: str | Path,
-    pre: PreprocessConfig,
-    n: int | None = None,
-    seed: int = 0,
-    class_names: Sequence[str] | None = None,
-) -> PixelDataset:
-    """Real images for measurement: a calibration-set file or an image folder (a stratified
-    sample of ``n`` when given), decoded through ``pre``. With ``class_names`` (the model's
-    outputs), labels are those names' indices, whichever classes the source holds."""
-    source = Path(source)
-    if source.suffix == ".safetensors":
-        from effdeploy.data.calibration import load_calibration_set
-
-        cal = load_calibration_set(source)
-        cal.check_matches(pre, str(source))
-        data = cal.as_dataset()
-        if class_names is not None:
-            labels = relabel(data.labels.tolist(), data.class_names, class_names, source)
-            data = PixelDataset(data.pixels, np.asarray(labels, dtype=np.int64), tuple(class_names))
-        if n is not None and n < len(data):
-            data = data.subset(stratified_sample(data.labels, n, seed))
-        return data
-    images = scan_labelled(source)
-    if class_names is not None:
-        images = images.with_classes(class_names)
-    if n is not None and n < len(images):
-        images = images.subset(stratified_sample(np.asarray(images.labels), n, seed))
-    pixels = decode_images(images, pre, desc=f"decode {source.name}")
-    return PixelDataset(pixels, np.asarray(images.labels, dtype=np.int64), images.class_names, images)

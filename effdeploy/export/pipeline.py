@@ -95,7 +95,7 @@ def load_model_for_export(run: RunConfig, random_init: bool = False):
 
 
 def export_run(run: RunConfig, out_dir: str | Path, *, random_init: bool = False, log=print) -> ExportResult:
-    from effdeploy.data.datasets import load_images
+    from effdeploy.data.sources import load_images
     from effdeploy.export.onnx import export_onnx
     from effdeploy.export.tflite import edge_transposes, export_tflite, tflite_io
     from effdeploy.fileio import atomic_write_text, check_writable_dir, staged_dir

@@ -154,7 +154,7 @@ QUANT_SET = re.compile(r"report\.json|snr_per_block\.png|outputs\.npz|(model|pee
 
 
 def _quantize_into(run: RunConfig, out_dir: Path, *, log=print) -> dict:
-    from effdeploy.data.datasets import load_images
+    from effdeploy.data.sources import load_images
     from effdeploy.fileio import atomic_write_text
     from effdeploy.model.checkpoints import load_checkpoint
 
