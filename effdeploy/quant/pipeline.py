@@ -24,6 +24,8 @@ from effdeploy.config import RunConfig, parse_precision
 from effdeploy.errors import EffdeployError
 from effdeploy.metrics import SnrAccumulator, snr_db, top1_agreement, topk_accuracy, within_contract
 from effdeploy.quant.sim import QuantSim
+from effdeploy.runtime import load_backend
+from effdeploy.runtime.base import run_batched
 
 
 @dataclass(frozen=True)
@@ -175,7 +177,7 @@ def _quantize_into(run: RunConfig, out_dir: Path, *, log=print) -> dict:
     held = load_images(eval_source, pre, n=q.eval_images)
     held_x = held.inputs(pre)
     with torch.inference_mode():
-        float_logits = torch.cat([model(b) for b in _batches(held_x, 500)]).numpy()
+        float_logits = run_batched(load_backend("torch", model), held_x, 500)
     float_top1 = topk_accuracy(float_logits, held.labels, 1)
     snr_idx = np.linspace(0, len(held) - 1, min(q.snr_images, len(held))).round().astype(int)
     snr_batches = _batches(held_x[snr_idx], 64)
@@ -203,7 +205,7 @@ def _quantize_into(run: RunConfig, out_dir: Path, *, log=print) -> dict:
             ada = pass_reports.pop("adaround", None)
             pass_reports.pop("bias_correction", None)
             with torch.inference_mode():
-                logits = torch.cat([sim(b) for b in _batches(held_x, 500)]).numpy()
+                logits = run_batched(load_backend("torch", sim), held_x, 500)
             outputs[f"{precision}.{method.name}"] = logits
             layers = layer_snr(sim, snr_batches)
             artifacts = {}

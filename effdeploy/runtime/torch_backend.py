@@ -12,7 +12,8 @@ class TorchBackend:
     name = "torch"
 
     def __init__(self, model: torch.nn.Module, threads: int | None = None) -> None:
-        self.model = model.eval()
+        # a module in eval mode, or any callable on float tensors (the quantization simulation)
+        self.model = model.eval() if isinstance(model, torch.nn.Module) else model
         if threads:
             torch.set_num_threads(threads)
         self.session_options = {"num_threads": torch.get_num_threads(), "mode": "eager", "dtype": "float32"}
