@@ -441,14 +441,23 @@ MAX_PARAMS_ENV = "EFFDEPLOY_MAX_PARAMS"
 DEFAULT_MAX_PARAMS = 500_000_000  # 2 GB of float32 weights; B7 has 66 M
 
 
-def max_params() -> int:
-    raw = os.environ.get(MAX_PARAMS_ENV, "").strip()
+def env_number(name: str, what: str = "a number") -> float | None:
+    """A numeric limit the user set in the environment (None when unset): the one parser of the
+    EFFDEPLOY_MAX_* overrides, so each refuses a bad value with the same one-line error."""
+    raw = os.environ.get(name, "").strip()
     if not raw:
-        return DEFAULT_MAX_PARAMS
+        return None
     try:
-        return int(float(raw))
+        value = float(raw)
+        int(value)  # inf and nan are no limits
     except (ValueError, OverflowError):
-        raise EffdeployError(f"{MAX_PARAMS_ENV}: not a number: {raw!r}") from None
+        raise EffdeployError(f"{name}: not {what}: {raw!r}") from None
+    return value
+
+
+def max_params() -> int:
+    value = env_number(MAX_PARAMS_ENV)
+    return DEFAULT_MAX_PARAMS if value is None else int(value)
 
 
 def check_model_size(model: ModelConfig, source: str) -> int:

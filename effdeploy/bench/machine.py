@@ -11,7 +11,7 @@ import os
 import platform
 from importlib import metadata
 
-from effdeploy.runtime.cpu import FLAGS, cpu_info  # noqa: F401  (re-exported: the machine record)
+from effdeploy.runtime.cpu import cpu_info
 
 LIBRARIES = (
     "effdeploy",

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from effdeploy.config import PreprocessConfig
+from effdeploy.config import PreprocessConfig, env_number
 from effdeploy.errors import EffdeployError
 
 #: The largest image decoded, in pixels (width x height): 64 megapixels is 192 MB of RGB. Larger
@@ -24,15 +24,8 @@ MAX_IMAGE_PIXELS = 64_000_000
 
 
 def max_image_pixels() -> int:
-    import os
-
-    raw = os.environ.get("EFFDEPLOY_MAX_IMAGE_PIXELS", "").strip()
-    if not raw:
-        return MAX_IMAGE_PIXELS
-    try:
-        return int(float(raw))
-    except (ValueError, OverflowError):
-        raise EffdeployError(f"EFFDEPLOY_MAX_IMAGE_PIXELS: not a number: {raw!r}") from None
+    value = env_number("EFFDEPLOY_MAX_IMAGE_PIXELS")
+    return MAX_IMAGE_PIXELS if value is None else int(value)
 
 
 def _too_large(path: Path, shape: str, limit: int) -> EffdeployError:

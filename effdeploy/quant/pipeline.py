@@ -103,10 +103,21 @@ def calibrated_sim(model, q, method: Method, precision: str, cal_batches: list[t
     report (with the range-learning report as its ``"learned"``) and the AdaRound report, each
     None where its pass did not run."""
     sim, reports = run_method(model, q, method, precision, cal_batches)
+    searched, ada, _ = report_layout(reports)
+    return sim, searched, ada
+
+
+def report_layout(reports: dict) -> tuple[dict | None, dict | None, dict]:
+    """Pass reports as a report row holds them: the range-search report (the range-learning one as
+    its ``"learned"``), the AdaRound report, and the reports of every other pass but bias
+    correction (which reports nothing worth keeping), by name."""
+    rest = {
+        k: v for k, v in reports.items() if k not in ("range_search", "learn_ranges", "adaround", "bias_correction")
+    }
     searched = reports.get("range_search")
     if "learn_ranges" in reports:
         searched = {**(searched or {}), "learned": reports["learn_ranges"]}
-    return sim, searched, reports.get("adaround")
+    return searched, reports.get("adaround"), rest
 
 
 def block_output_points(sim: QuantSim) -> list[str]:
@@ -176,8 +187,7 @@ def _quantize_into(run: RunConfig, out_dir: Path, *, log=print) -> dict:
         raise EffdeployError("quant.eval_data (or data.test) is needed: held-out images to measure on")
     held = load_images(eval_source, pre, n=q.eval_images)
     held_x = held.inputs(pre)
-    with torch.inference_mode():
-        float_logits = run_batched(load_backend("torch", model), held_x, 500)
+    float_logits = run_batched(load_backend("torch", model), held_x, 500)
     float_top1 = topk_accuracy(float_logits, held.labels, 1)
     snr_idx = np.linspace(0, len(held) - 1, min(q.snr_images, len(held))).round().astype(int)
     snr_batches = _batches(held_x[snr_idx], 64)
@@ -198,14 +208,9 @@ def _quantize_into(run: RunConfig, out_dir: Path, *, log=print) -> dict:
         wb, ab = parse_precision(precision)
         for method in methods_for(run, precision):
             t0 = time.perf_counter()
-            sim, pass_reports = run_method(model, q, method, precision, cal_batches)
-            searched = pass_reports.pop("range_search", None)
-            if "learn_ranges" in pass_reports:
-                searched = {**(searched or {}), "learned": pass_reports.pop("learn_ranges")}
-            ada = pass_reports.pop("adaround", None)
-            pass_reports.pop("bias_correction", None)
-            with torch.inference_mode():
-                logits = run_batched(load_backend("torch", sim), held_x, 500)
+            sim, reports = run_method(model, q, method, precision, cal_batches)
+            searched, ada, pass_reports = report_layout(reports)
+            logits = run_batched(load_backend("torch", sim), held_x, 500)
             outputs[f"{precision}.{method.name}"] = logits
             layers = layer_snr(sim, snr_batches)
             artifacts = {}
@@ -328,8 +333,6 @@ def runtime_artifacts(
 ) -> dict:
     """Emit each runtime artifact of this configuration, run it on the held-out images and
     compare with the simulation (the contract: top-1 agreement >= 99%, output SNR within 1 dB)."""
-    from effdeploy.runtime import load_backend
-    from effdeploy.runtime.base import run_batched
 
     out: dict[str, dict] = {}
     logits: dict[str, np.ndarray] = {}

@@ -10,16 +10,6 @@ from __future__ import annotations
 import platform
 
 FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8", "asimddp", "i8mm")
-LIBRARIES = (
-    "effdeploy",
-    "torch",
-    "numpy",
-    "onnx",
-    "onnxruntime",
-    "ai-edge-litert",
-    "ai-edge-quantizer",
-    "litert-torch",
-)
 
 
 def cpu_info(cpuinfo: str | None = None) -> dict:

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from effdeploy.config import RunConfig, TrainConfig, check_model_size, parse
+from effdeploy.config import RunConfig, TrainConfig, check_model_size, env_number, parse
 from effdeploy.data.datasets import PixelDataset, load_pixels, stratified_split
 from effdeploy.errors import EffdeployError
 from effdeploy.fileio import atomic_path, atomic_write_text, check_writable_dir
@@ -324,12 +324,9 @@ def training_memory_bytes(run: RunConfig) -> int:
 def _memory_limit() -> int:
     import os
 
-    raw = os.environ.get(MAX_TRAIN_MEMORY_ENV, "").strip()
-    if raw:
-        try:
-            return int(float(raw) * 2**30)
-        except (ValueError, OverflowError):
-            raise EffdeployError(f"{MAX_TRAIN_MEMORY_ENV}: not a number of GB: {raw!r}") from None
+    gb = env_number(MAX_TRAIN_MEMORY_ENV, "a number of GB")
+    if gb is not None:
+        return int(gb * 2**30)
     try:
         return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
