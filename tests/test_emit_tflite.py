@@ -184,20 +184,17 @@ def test_low_bit_weights_in_int8_containers_are_exact(calibrated: dict, tmp_path
 
 
 @pytest.mark.slow
-def test_kernel_check_reproduces_litert_int8_arithmetic(calibrated: dict, tmp_path, repo_root) -> None:
-    """benchmarks/litert_kernels.py's integer reference matches LiteRT's int8 kernels to one step
-    (a wrong zero-point, scale or bias there would be many steps off)."""
-    import importlib.util
+def test_kernel_check_reproduces_litert_int8_arithmetic(calibrated: dict, tmp_path) -> None:
+    """The kernel check's integer reference (effdeploy.results.litert_kernels) matches LiteRT's
+    int8 kernels to one step (a wrong zero-point, scale or bias there would be many steps off)."""
+    from effdeploy.results.litert_kernels import check_model
 
-    spec = importlib.util.spec_from_file_location("litert_kernels", repo_root / "benchmarks" / "litert_kernels.py")
-    kernels = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(kernels)
     x = calibrated["x"]
     sim = QuantSim(calibrated["model"], weight_bits=8, act_bits=8)
     sim.calibrate([x[:16]])
     path = tmp_path / "q.tflite"
     emit_tflite(sim, path, x[:16].numpy())
-    rows = kernels.check_model(path, np.transpose(x[16:].numpy(), (0, 2, 3, 1)).copy())
+    rows = check_model(path, np.transpose(x[16:].numpy(), (0, 2, 3, 1)).copy())
     assert {r["op"] for r in rows} == {"CONV_2D", "FULLY_CONNECTED"} and all(r["weights"] == "int8" for r in rows)
     assert max(r["max_steps"] for r in rows) <= 1
     assert sum(r["off"] for r in rows) < 0.02 * sum(r["outputs"] for r in rows)

@@ -219,21 +219,12 @@ def test_quantize_bad_config_is_one_line(tmp_path: Path, repo_root: Path, quant_
     assert field in line
 
 
-def _load_benchmark(repo_root: Path, name: str):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(name, repo_root / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_holdout_never_measures_an_image_its_quantization_saw(run: RunConfig, repo_root: Path, monkeypatch) -> None:
+def test_holdout_never_measures_an_image_its_quantization_saw(run: RunConfig, monkeypatch) -> None:
     import torch
 
     from effdeploy.quant import pipeline
+    from effdeploy.results import holdout
 
-    holdout = _load_benchmark(repo_root, "holdout")
     parts = holdout.folds_of(10, 3, seed=0)
     assert sorted(np.concatenate(parts).tolist()) == list(range(10)) and len(parts) == 3
     with pytest.raises(ValueError, match="--folds"):
@@ -280,10 +271,10 @@ def test_by_precision_changes_only_its_precision() -> None:
     assert q.for_precision("w8a8") is q
 
 
-def test_summary_marks_runtime_cells_outside_the_contract(repo_root: Path) -> None:
+def test_summary_marks_runtime_cells_outside_the_contract() -> None:
     """The headline table says 'contract missed' on a runtime cell below 99% agreement or 1 dB
     or more from its simulation, and only there."""
-    results = _load_benchmark(repo_root, "quant_results")
+    from effdeploy.results.quant_summary import headline_rows
 
     def artifact(agreement: float, gap: float) -> dict:
         return {"top1": 0.8, "output_snr_db": 12.0 - gap, "agreement_with_simulation": agreement, "snr_gap_db": gap}
@@ -309,7 +300,7 @@ def test_summary_marks_runtime_cells_outside_the_contract(repo_root: Path) -> No
             },
         ],
     }
-    w8, w4 = (line.split(" | ") for line in results.headline_rows(report))
+    w8, w4 = (line.split(" | ") for line in headline_rows(report))
     assert "contract missed" not in w8[5] and "contract missed" in w8[6]
     assert "contract missed" in w4[5] and "contract missed" not in w4[6]
 
