@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict
 
 import numpy as np
 import torch
@@ -56,7 +55,7 @@ def cross_validate(run, precisions: list[str], folds: int, seed: int, *, log=pri
                 log(f"{precision} {method.name}: fold {i + 1}/{len(parts)} done")
             r = {
                 "precision": precision,
-                "method": asdict(method),
+                "method": method.to_dict(),
                 "top1": topk_accuracy(out, labels, 1),
                 "agreement": top1_agreement(ref, out),
                 "output_snr_db": snr_db(ref, out),

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import subprocess
 import time
-from dataclasses import asdict
 
 import numpy as np
 import torch
@@ -78,7 +77,7 @@ def evaluate(run: RunConfig, precision: str, changes: dict, images: int, seed: i
     row = {
         "precision": precision,
         "changes": changes,
-        "method": asdict(method),
+        "method": method.to_dict(),
         "images": len(labels),
         "seed": seed,
         "float_top1": topk_accuracy(ref, labels, 1),
