@@ -79,9 +79,10 @@ export: $(STAMP)
 
 # ---- quantize: the SE-after and SE-before reference models, W8A8 and W4A8, shipped calibration set
 QUANT_CONFIGS ?= configs/cifar10_b0w05_after.yaml configs/cifar10_b0w05_before.yaml
+QUANT_ARGS ?=
 
 quantize: $(STAMP)
-	@for c in $(QUANT_CONFIGS); do $(BIN)/effdeploy quantize --config $$c || exit 1; done
+	$(BIN)/effdeploy quantize $(foreach c,$(QUANT_CONFIGS),--config $(c)) $(QUANT_ARGS)
 
 # ---- bench: every artifact of a model on this machine's CPU runtimes, plus the Edge TPU preflight.
 # Exports and quantizes first where the artifacts are missing. Phones: BENCH_ARGS="--serial SERIAL

@@ -43,6 +43,10 @@ def _options(
     from effdeploy.quiet import quiet_third_party
 
     _state["verbose"] = _state["verbose"] or verbose
+    if _state["verbose"]:
+        import os
+
+        os.environ[VERBOSE_ENV] = "1"  # worker processes inherit it
     quiet_third_party(_state["verbose"])  # before any verb imports the libraries
 
 
@@ -316,8 +320,9 @@ def export(
 @app.command()
 def quantize(
     config: Annotated[
-        Path, typer.Option("--config", "-c", help="run config (checkpoint, quant section)")
-    ] = DEFAULT_CONFIG,
+        list[Path] | None,
+        typer.Option("--config", "-c", help="run config (checkpoint, quant section); repeat to quantize several"),
+    ] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="report directory (default artifacts/<name>)")] = None,
     precisions: Annotated[str | None, typer.Option(help="comma list, weights first: w8a8,w4a8,w4a4")] = None,
     se_placement: Annotated[str | None, Placement] = None,
@@ -332,31 +337,48 @@ def quantize(
         bool | None,
         typer.Option("--learn-ranges/--no-learn-ranges", help="all activation ranges learned together on the output"),
     ] = None,
+    jobs: Annotated[
+        int | None,
+        typer.Option("--jobs", "-j", help="precisions quantized in parallel processes (default: the CPU count)"),
+    ] = None,
 ) -> None:
-    """Post-training quantization (int8/int4) with calibration data; layer-by-layer SNR."""
+    """Post-training quantization (int8/int4) with calibration data; layer-by-layer SNR.
+
+    Every process computes with one thread, so the results do not depend on the machine's core
+    count; --jobs runs precisions (of every --config given) side by side instead."""
+    import os
+
     from effdeploy import report
     from effdeploy.config import load_run_config, override_section
-    from effdeploy.quant.pipeline import quantize_run
+    from effdeploy.quant.pipeline import quantize_runs
     from effdeploy.train.trainer import main_log
 
-    run = load_run_config(config)
-    run = override_section(
-        run,
-        "quant",
-        {
-            "precisions": ("--precisions", _comma_list(precisions, "--precisions")),
-            "se_placement": ("--se-placement", se_placement),
-            "eval_images": ("--eval-images", eval_images),
-            "adaround": ("--adaround", adaround),
-            "adaround_iters": ("--adaround-iters", adaround_iters),
-            "range_search": ("--range-search", range_search),
-            "learn_ranges": ("--learn-ranges", learn_ranges),
-        },
-    )
-    out = out or Path("artifacts") / str(run.name)
-    result = quantize_run(run, out, log=main_log)
-    report.print_quant(result)
-    print(f"report: {out / 'report.json'}  plot: {out / 'snr_per_block.png'}")
+    configs = config or [DEFAULT_CONFIG]
+    if out is not None and len(configs) > 1:
+        raise EffdeployError("--out: names one directory; give it with a single --config")
+    if jobs is not None and jobs < 1:
+        raise EffdeployError(f"--jobs: must be at least 1, got {jobs}")
+    runs = []
+    for path in configs:
+        run = load_run_config(path)
+        run = override_section(
+            run,
+            "quant",
+            {
+                "precisions": ("--precisions", _comma_list(precisions, "--precisions")),
+                "se_placement": ("--se-placement", se_placement),
+                "eval_images": ("--eval-images", eval_images),
+                "adaround": ("--adaround", adaround),
+                "adaround_iters": ("--adaround-iters", adaround_iters),
+                "range_search": ("--range-search", range_search),
+                "learn_ranges": ("--learn-ranges", learn_ranges),
+            },
+        )
+        runs.append((run, out or Path("artifacts") / str(run.name)))
+    results = quantize_runs(runs, log=main_log, jobs=jobs or os.cpu_count() or 1)
+    for (_, run_out), result in zip(runs, results, strict=True):
+        report.print_quant(result)
+        print(f"report: {run_out / 'report.json'}  plot: {run_out / 'snr_per_block.png'}")
 
 
 @app.command()

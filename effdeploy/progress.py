@@ -9,6 +9,13 @@ import sys
 import time
 
 LOG_INTERVAL_S = 60.0
+_label = ""
+
+
+def set_label(label: str) -> None:
+    """Name this process's work in front of its progress lines (a worker of a parallel run)."""
+    global _label
+    _label = f"[{label}] " if label else ""
 
 
 class _Logged:
@@ -35,9 +42,16 @@ class _Logged:
             if not self.quiet and now - last >= LOG_INTERVAL_S:
                 last = now
                 of = f"/{self.total}" if self.total is not None else ""
-                line = f"  {self.desc}: {i}{of} {self.unit} ({now - start:.0f} s){self.postfix}"
+                eta = ""
+                if self.total and i:
+                    eta = f", ETA {_duration((now - start) / i * (self.total - i))}"
+                line = f"  {_label}{self.desc}: {i}{of} {self.unit} ({now - start:.0f} s{eta}){self.postfix}"
                 print(line, file=sys.stderr, flush=True)
             yield item
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
 
 
 def progress(iterable, *, desc: str = "", unit: str = "it", total: int | None = None, **kw):
@@ -46,4 +60,4 @@ def progress(iterable, *, desc: str = "", unit: str = "it", total: int | None = 
         return _Logged(iterable, desc or "progress", unit, total, quiet=quiet)
     from tqdm.auto import tqdm
 
-    return tqdm(iterable, desc=desc, unit=unit, total=total, leave=False, dynamic_ncols=True, **kw)
+    return tqdm(iterable, desc=f"{_label}{desc}", unit=unit, total=total, leave=False, dynamic_ncols=True, **kw)

@@ -298,25 +298,30 @@ def test_quantize_set_is_all_or_nothing(tmp_path: Path, monkeypatch: pytest.Monk
     (out / "peer_onnxruntime_w4a8.onnx").write_bytes(b"peer run 1")
     before = snapshot(out)
 
-    def interrupted(run, stage, *, log=print):
+    def interrupted(inputs, precision, stage, *, log=print):
         assert stage.parent == out.parent and stage != out
         (stage / "model_w8a8.onnx").write_bytes(b"w8a8 run 2")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(qp, "_quantize_into", interrupted)
+    monkeypatch.setattr(qp, "load_inputs", lambda run, *, log=print: None)
+    monkeypatch.setattr(qp, "quantize_precision", interrupted)
     with pytest.raises(KeyboardInterrupt):
         qp.quantize_run(RunConfig(), out)
     assert snapshot(out) == before
     assert leftovers(tmp_path) == []
 
-    def complete(run, stage, *, log=print):
-        (stage / "model_w8a8.onnx").write_bytes(b"w8a8 run 2")
+    def precision_done(inputs, precision, stage, *, log=print):
+        if precision == "w8a8":
+            (stage / "model_w8a8.onnx").write_bytes(b"w8a8 run 2")
+
+    def complete(inputs, results, stage):
         # a failing peer's message names the file it was writing: in the staging folder
         report = {"run": 2, "peers": [{"error": f"{stage / 'peer_x_w8a8.onnx'}: quantize_static failed"}]}
         (stage / "report.json").write_text(json.dumps(report))
         return report
 
-    monkeypatch.setattr(qp, "_quantize_into", complete)
+    monkeypatch.setattr(qp, "quantize_precision", precision_done)
+    monkeypatch.setattr(qp, "write_report", complete)
     expected = {"run": 2, "peers": [{"error": f"{out / 'peer_x_w8a8.onnx'}: quantize_static failed"}]}
     assert qp.quantize_run(RunConfig(), out) == expected  # recorded paths are where files are found
     assert snapshot(out) == {

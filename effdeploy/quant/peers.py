@@ -154,7 +154,7 @@ def run_peers(
                         made[key] = aeq_quantize(folded, calibration, weight_bits, dest, work)
                 path = made[key]
                 if peer.tool == "onnxruntime":
-                    backend = load_backend("onnxruntime", path, x64quantprecision=peer.session != "default")
+                    backend = load_backend("onnxruntime", path, threads=1, x64quantprecision=peer.session != "default")
                     options = backend.session_options
                 else:
                     backend = load_backend("litert", path)

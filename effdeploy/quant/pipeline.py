@@ -1,20 +1,29 @@
-"""`effdeploy quantize`: checkpoint (+ reorder) -> calibrate -> PTQ passes -> measure on held-out
-images -> report.json + SNR-per-block PNG.
+"""`effdeploy quantize`: a sequence of named stages.
 
-For every precision two methods are measured side by side on the same calibration set:
-``minmax`` (min-max ranges, round-to-nearest: the field's baseline) and ``ours`` (the configured
-observers, AdaRound when weights have fewer than 8 bits, bias correction). Both run in the
-simulation, the reference every runtime artifact is checked against. Ours is then emitted as an
-ONNX QDQ model (onnxruntime) and a full-integer TFLite model (LiteRT), each run on the same
-held-out images; the peers (``peers.py``) quantize the same float model with their own tools.
+- **load**: the checkpoint (reordered first when the config asks for another SE placement), the
+  calibration images, the held-out images and the float network's logits on them;
+- **calibrate** (``quant.method``): for each method, the baseline (min-max, round-to-nearest) and
+  ours, a simulation calibrated on the same images and put through its registered passes;
+- **measure** (``quant.measure``): the simulation on the held-out images;
+- **emit** and **verify** (``quant.verify``): ours written as an ONNX QDQ model and a full-integer
+  TFLite model, each run on the same images and checked against the simulation;
+- **peers** (``quant.peers``): the tools users would otherwise pick, same model and images;
+- **report**: ``report.json``, per-image logits (``outputs.npz``) and the SNR-per-block plot.
+
+Precisions are independent of each other: with ``jobs`` > 1 they run in parallel processes (those
+of several runs share one pool). Every stage computes with one intra-op thread, in each process:
+a float sum's rounding depends on how threads split it, and the learning passes amplify that, so
+pinning is what makes the artifacts and reports the same whatever the machine's core count.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -22,111 +31,75 @@ import torch
 
 from effdeploy.config import RunConfig, parse_precision
 from effdeploy.errors import EffdeployError
-from effdeploy.metrics import SnrAccumulator, snr_db, top1_agreement, topk_accuracy, within_contract
-from effdeploy.quant.sim import QuantSim
+from effdeploy.metrics import topk_accuracy
+from effdeploy.quant.measure import block_output_points, layer_snr, measure_sim, weight_bytes
+from effdeploy.quant.method import Method, calibrated_sim, methods_for, report_layout, run_method
+from effdeploy.quant.verify import runtime_artifacts
 from effdeploy.runtime import load_backend
 from effdeploy.runtime.base import run_batched
 
+__all__ = [
+    "Method",
+    "PrecisionResult",
+    "QuantInputs",
+    "block_output_points",
+    "calibrated_sim",
+    "layer_snr",
+    "load_inputs",
+    "methods_for",
+    "quantize_precision",
+    "quantize_run",
+    "quantize_runs",
+    "report_layout",
+    "run_method",
+    "weight_bytes",
+]
 
-@dataclass(frozen=True)
-class Method:
-    """A way to quantize: its observers, the registered passes it runs (``quant.registry``), and
-    the pass options that distinguish two runs of the same passes."""
-
-    name: str
-    observer: str
-    weight_observer: str
-    passes: tuple[str, ...] = ()
-    range_search_objective: str = "relative"
-    adaround_balance: bool = False
-    saturate_sigmoid_inputs: bool = False
-
-    def __getattr__(self, name: str):
-        # ``method.adaround`` etc.: whether a registered pass of that name runs
-        from effdeploy.quant.registry import all_passes
-
-        if name in {p.name for p in all_passes()}:
-            return name in self.passes
-        raise AttributeError(name)
-
-    def to_dict(self) -> dict:
-        """The report's ``method``: its fields, and one true/false key per registered pass."""
-        from effdeploy.quant.registry import all_passes
-
-        d = asdict(self)
-        d.update({p.name: p.name in self.passes for p in all_passes()})
-        d["passes"] = list(self.passes)
-        return d
+#: intra-op threads of every stage: the same results on any machine (see the module docstring)
+THREADS = 1
+#: What a quantize run writes: an earlier run's files of these names leave when a new set arrives.
+QUANT_SET = re.compile(r"report\.json|snr_per_block\.png|outputs\.npz|(model|peer_.+)_w\d+a\d+\.(onnx|tflite)")
+OUTPUTS = "outputs.npz"
 
 
-def methods_for(run: RunConfig, precision: str) -> list[Method]:
-    """The baseline and our method at ``precision`` (the quant section's ``by_precision`` applied)."""
-    from effdeploy.quant.registry import enabled_passes
-
-    q = run.quant.for_precision(precision)
-    weight_bits, _ = parse_precision(precision)
-    return [
-        Method("minmax", "minmax", "minmax"),
-        Method(
-            "ours",
-            q.observer,
-            q.weight_observer,
-            passes=enabled_passes(q, weight_bits),
-            range_search_objective=q.range_search_objective,
-            adaround_balance=q.adaround_balance,
-            saturate_sigmoid_inputs=q.saturate_sigmoid_inputs,
-        ),
-    ]
+@contextlib.contextmanager
+def pinned_threads(n: int = THREADS) -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
-def run_method(model, q, method: Method, precision: str, cal_batches: list[torch.Tensor]):
-    """The simulation of ``method`` at ``precision``, calibrated on ``cal_batches`` and through its
-    passes in registry order. Returns the simulation and each pass's report by name."""
-    from effdeploy.quant.registry import run_passes
-
-    q = q.for_precision(precision)
-    wb, ab = parse_precision(precision)
-    sim = QuantSim(
-        model,
-        weight_bits=wb,
-        act_bits=ab,
-        weight_overrides=[(o.pattern, o.weight_bits) for o in q.overrides],
-        act_overrides=[(o.pattern, o.act_bits) for o in q.overrides],
-        saturate_sigmoid_inputs=method.saturate_sigmoid_inputs,
-    )
-    sim.calibrate(cal_batches, observer=method.observer, weight_observer=method.weight_observer)
-    return sim, run_passes(sim, cal_batches, q, method.passes)
+# ---- load -----------------------------------------------------------------------------------
 
 
-def calibrated_sim(model, q, method: Method, precision: str, cal_batches: list[torch.Tensor]):
-    """``run_method`` with the reports in the report's layout: the simulation, the range-search
-    report (with the range-learning report as its ``"learned"``) and the AdaRound report, each
-    None where its pass did not run."""
-    sim, reports = run_method(model, q, method, precision, cal_batches)
-    searched, ada, _ = report_layout(reports)
-    return sim, searched, ada
+@dataclass
+class QuantInputs:
+    """What every precision of a run reads: the output of the load stage (picklable, so that a
+    worker process gets it whole)."""
 
+    run: RunConfig
+    model: torch.nn.Module
+    reorder: dict | None
+    cal_x: np.ndarray
+    held_x: np.ndarray
+    labels: np.ndarray
+    float_logits: np.ndarray
+    snr_idx: np.ndarray
+    eval_source: Path
+    same_as_calibration: bool
 
-def report_layout(reports: dict) -> tuple[dict | None, dict | None, dict]:
-    """Pass reports as a report row holds them: the range-search report (the range-learning one as
-    its ``"learned"``), the AdaRound report, and the reports of every other pass but bias
-    correction (which reports nothing worth keeping), by name."""
-    rest = {
-        k: v for k, v in reports.items() if k not in ("range_search", "learn_ranges", "adaround", "bias_correction")
-    }
-    searched = reports.get("range_search")
-    if "learn_ranges" in reports:
-        searched = {**(searched or {}), "learned": reports["learn_ranges"]}
-    return searched, reports.get("adaround"), rest
+    @property
+    def float_top1(self) -> float:
+        return topk_accuracy(self.float_logits, self.labels, 1)
 
+    def cal_batches(self) -> list[torch.Tensor]:
+        return _batches(self.cal_x, 64)
 
-def block_output_points(sim: QuantSim) -> list[str]:
-    """The tensor each MBConv block hands to the next: the residual add, or the projection."""
-    out = []
-    for spec in sim.model.arch.blocks:
-        name = f"blocks.{spec.name}"
-        out.append(name if spec.has_residual else f"{name}.project.conv")
-    return out
+    def snr_batches(self) -> list[torch.Tensor]:
+        return _batches(self.held_x[self.snr_idx], 64)
 
 
 def _batches(x: np.ndarray, size: int) -> list[torch.Tensor]:
@@ -149,141 +122,172 @@ def _ensure_placement(model, run: RunConfig, log):
     return model.eval(), {k: v for k, v in report.items() if k != "distill_history"}
 
 
-def quantize_run(run: RunConfig, out_dir: str | Path, *, log=print) -> dict:
-    """Quantize and measure ``run``; its files (report, plot, outputs, runtime and peer artifacts)
-    are staged and moved into ``out_dir`` together when the run completes, so an interrupted run
-    leaves the previous complete set (fileio.staged_dir). A bad ``out_dir`` fails before any work."""
-    from effdeploy.fileio import check_writable_dir, relocate, relocate_json_file, staged_dir
-
-    check_writable_dir(out_dir, "--out")
-    with staged_dir(out_dir, owns=lambda name: QUANT_SET.fullmatch(name) is not None, last="report.json") as stage:
-        report = _quantize_into(run, stage, log=log)
-        relocate_json_file(stage / "report.json", stage, Path(out_dir))  # paths as they will be found
-    return relocate(report, stage, Path(out_dir))
-
-
-#: What a quantize run writes: an earlier run's files of these names leave when a new set arrives.
-QUANT_SET = re.compile(r"report\.json|snr_per_block\.png|outputs\.npz|(model|peer_.+)_w\d+a\d+\.(onnx|tflite)")
-
-
-def _quantize_into(run: RunConfig, out_dir: Path, *, log=print) -> dict:
+def load_inputs(run: RunConfig, *, log=print) -> QuantInputs:
+    """The load stage."""
     from effdeploy.data.sources import load_images
-    from effdeploy.fileio import atomic_write_text
     from effdeploy.model.checkpoints import load_checkpoint
 
     q = run.quant
-    out_dir = Path(out_dir)
     if run.checkpoint is None or not Path(run.checkpoint).is_file():
         raise EffdeployError(f"{run.checkpoint}: checkpoint not found (train it with 'make train')")
     model = load_checkpoint(run.checkpoint).eval()
     model, reorder_report = _ensure_placement(model, run, log)
     pre = model.config.preprocess
-
     cal = load_images(q.calibration, pre, n=q.calibration_images)
-    cal_x = cal.inputs(pre)
-    cal_batches = _batches(cal_x, 64)
     eval_source = q.eval_data or run.data.test
     if eval_source is None:
         raise EffdeployError("quant.eval_data (or data.test) is needed: held-out images to measure on")
     held = load_images(eval_source, pre, n=q.eval_images)
     held_x = held.inputs(pre)
-    float_logits = run_batched(load_backend("torch", model), held_x, 500)
-    float_top1 = topk_accuracy(float_logits, held.labels, 1)
-    snr_idx = np.linspace(0, len(held) - 1, min(q.snr_images, len(held))).round().astype(int)
-    snr_batches = _batches(held_x[snr_idx], 64)
-    float_params = sum(p.numel() for p in model.parameters())
-    # where no other images exist (Lite0 here), the measurement set is the calibration set: say so
-    same = Path(eval_source).resolve() == Path(q.calibration).resolve()
-    kind = "images (the calibration images themselves)" if same else "held-out images"
+    inputs = QuantInputs(
+        run=run,
+        model=model,
+        reorder=reorder_report,
+        cal_x=cal.inputs(pre),
+        held_x=held_x,
+        labels=np.asarray(held.labels, np.int64),
+        float_logits=run_batched(load_backend("torch", model), held_x, 500),
+        snr_idx=np.linspace(0, len(held) - 1, min(q.snr_images, len(held))).round().astype(int),
+        eval_source=Path(eval_source),
+        # where no other images exist (Lite0 here), the measurement set is the calibration set: say so
+        same_as_calibration=Path(eval_source).resolve() == Path(q.calibration).resolve(),
+    )
+    kind = "images (the calibration images themselves)" if inputs.same_as_calibration else "held-out images"
     log(
-        f"{run.name}: se_placement={model.config.se_placement}, float top-1 {100 * float_top1:.2f}% on "
+        f"{run.name}: se_placement={model.config.se_placement}, float top-1 {100 * inputs.float_top1:.2f}% on "
         f"{len(held)} {kind} ({eval_source}); calibration: {len(cal)} images from {q.calibration}"
     )
+    return inputs
 
-    results = []
-    peers: list[dict] = []
-    # per-image logits of float and of every variant: paired statistics later need no rerun
-    outputs: dict[str, np.ndarray] = {"labels": np.asarray(held.labels, np.int64), "float": float_logits}
-    for precision in q.precisions:
-        wb, ab = parse_precision(precision)
-        for method in methods_for(run, precision):
-            t0 = time.perf_counter()
-            sim, reports = run_method(model, q, method, precision, cal_batches)
-            searched, ada, pass_reports = report_layout(reports)
-            logits = run_batched(load_backend("torch", sim), held_x, 500)
-            outputs[f"{precision}.{method.name}"] = logits
-            layers = layer_snr(sim, snr_batches)
-            artifacts = {}
-            if method.name == "ours":
+
+# ---- one precision: calibrate, measure, emit, verify, peers ---------------------------------
+
+
+@dataclass
+class PrecisionResult:
+    """One precision's report rows (baseline and ours), its peers' rows and its per-image logits."""
+
+    precision: str
+    rows: list[dict] = field(default_factory=list)
+    peers: list[dict] = field(default_factory=list)
+    outputs: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+class _Stage:
+    """Times a named stage and logs it when it ends: which stage ran, and for how long."""
+
+    def __init__(self, log, label: str) -> None:
+        self.log, self.label = log, label
+
+    def __enter__(self):
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if exc[0] is None:
+            self.log(f"    {self.label} ({time.perf_counter() - self.t0:.0f} s)")
+
+
+def quantize_precision(inputs: QuantInputs, precision: str, out_dir: Path, *, log=print) -> PrecisionResult:
+    """Every stage of one precision; runtime and peer artifacts are written into ``out_dir``."""
+    run, q = inputs.run, inputs.run.quant
+    wb, ab = parse_precision(precision)
+    result = PrecisionResult(precision)
+    cal_batches, snr_batches = inputs.cal_batches(), inputs.snr_batches()
+    for method in methods_for(run, precision):
+        t0 = time.perf_counter()
+        passes = " + ".join(("observers", *method.passes))
+        with _Stage(log, f"{precision} {method.name}: calibrate ({passes})"):
+            sim, reports = run_method(inputs.model, q, method, precision, cal_batches)
+        searched, ada, pass_reports = report_layout(reports)
+        with _Stage(log, f"{precision} {method.name}: measure"):
+            logits, measured = measure_sim(sim, inputs.held_x, inputs.labels, inputs.float_logits, snr_batches)
+        result.outputs[f"{precision}.{method.name}"] = logits
+        artifacts = {}
+        if method.name == "ours":
+            with _Stage(log, f"{precision} {method.name}: emit + verify ({', '.join(q.runtimes)})"):
                 artifacts = runtime_artifacts(
                     sim,
                     q.runtimes,
                     out_dir,
                     precision,
-                    cal_x,
-                    held_x,
-                    held.labels,
+                    inputs.cal_x,
+                    inputs.held_x,
+                    inputs.labels,
                     logits,
-                    float_logits,
+                    inputs.float_logits,
                     snr_batches,
-                    outputs=outputs,
+                    outputs=result.outputs,
                 )
-            ranked = sorted(((v, k) for k, v in layers.items()), key=lambda t: t[0])
-            top1 = topk_accuracy(logits, held.labels, 1)
-            row = {
-                "precision": precision,
-                "method": method.to_dict(),
-                "top1": top1,
-                "top5": topk_accuracy(logits, held.labels, 5),
-                "top1_delta": top1 - float_top1,
-                "agreement": top1_agreement(float_logits, logits),
-                "output_snr_db": snr_db(float_logits, logits),
-                "worst_layers": [{"name": k, "snr_db": v} for v, k in ranked[:3]],
-                "layer_snr_db": layers,
-                "block_snr_db": {n: layers[n] for n in block_output_points(sim)},
-                "weight_bytes": weight_bytes(sim),
-                "adaround": ada,
-                "range_search": searched,
-                "pass_reports": pass_reports,  # passes beyond the built-in ones, by name
-                "artifacts": artifacts,
-                "ranges": sim.ranges(),
-                "seconds": round(time.perf_counter() - t0, 1),
-            }
-            results.append(row)
-            for art in artifacts.values():
-                if "skipped" in art:
-                    log(f"    {art['runtime']}: skipped ({art['skipped']})")
-                    continue
-                log(
-                    f"    {art['file']} in {art['runtime']}: agreement with simulation "
-                    f"{100 * art['agreement_with_simulation']:.2f}%, SNR {art['output_snr_db']:.2f} dB "
-                    f"(simulation {row['output_snr_db']:.2f})"
-                )
+        row = {
+            "precision": precision,
+            "method": method.to_dict(),
+            **measured,
+            "adaround": ada,
+            "range_search": searched,
+            "pass_reports": pass_reports,  # passes beyond the built-in ones, by name
+            "artifacts": artifacts,
+            "ranges": sim.ranges(),
+        }
+        result.rows.append(row)
+        for art in artifacts.values():
+            if "skipped" in art:
+                log(f"    {art['runtime']}: skipped ({art['skipped']})")
+                continue
             log(
-                f"  {precision} {method.name:6s}: top-1 {100 * row['top1']:.2f}% "
-                f"({100 * row['top1_delta']:+.2f}), agreement {100 * row['agreement']:.2f}%, "
-                f"SNR {row['output_snr_db']:.2f} dB ({row['seconds']:.0f} s)"
+                f"    {art['file']} in {art['runtime']}: agreement with simulation "
+                f"{100 * art['agreement_with_simulation']:.2f}%, SNR {art['output_snr_db']:.2f} dB "
+                f"(simulation {row['output_snr_db']:.2f})"
             )
-        if q.peers:
-            from effdeploy.quant.peers import run_peers
+        log(
+            f"  {precision} {method.name:6s}: top-1 {100 * row['top1']:.2f}% "
+            f"({100 * row['top1_delta']:+.2f}), agreement {100 * row['agreement']:.2f}%, "
+            f"SNR {row['output_snr_db']:.2f} dB ({time.perf_counter() - t0:.0f} s)"
+        )
+    if q.peers:
+        from effdeploy.quant.peers import run_peers
 
-            peers.extend(
-                run_peers(model, cal_x, held_x, held.labels, float_logits, wb, ab, out_dir, log=log, outputs=outputs)
+        with _Stage(log, f"{precision} peers"):
+            result.peers = run_peers(
+                inputs.model,
+                inputs.cal_x,
+                inputs.held_x,
+                inputs.labels,
+                inputs.float_logits,
+                wb,
+                ab,
+                out_dir,
+                log=log,
+                outputs=result.outputs,
             )
+    return result
 
-    report = {
+
+# ---- report ---------------------------------------------------------------------------------
+
+
+def build_report(inputs: QuantInputs, results: list[PrecisionResult]) -> dict:
+    """The report's one schema: the run, the float network, the data, then a row per precision and
+    method (``results``) and per precision and peer (``peers``), in the config's precision order."""
+    run, q, model = inputs.run, inputs.run.quant, inputs.model
+    float_params = sum(p.numel() for p in model.parameters())
+    return {
         "name": run.name,
         "checkpoint": str(run.checkpoint),
         "se_placement": model.config.se_placement,
-        "reorder": reorder_report,
-        "float": {"top1": float_top1, "top5": topk_accuracy(float_logits, held.labels, 5), "bytes": 4 * float_params},
-        "held_out": {
-            "data": str(eval_source),
-            "images": len(held),
-            "snr_images": len(snr_idx),
-            "same_as_calibration": same,
+        "reorder": inputs.reorder,
+        "float": {
+            "top1": inputs.float_top1,
+            "top5": topk_accuracy(inputs.float_logits, inputs.labels, 5),
+            "bytes": 4 * float_params,
         },
-        "calibration": {"file": str(q.calibration), "images": len(cal)},
+        "held_out": {
+            "data": str(inputs.eval_source),
+            "images": len(inputs.labels),
+            "snr_images": len(inputs.snr_idx),
+            "same_as_calibration": inputs.same_as_calibration,
+        },
+        "calibration": {"file": str(q.calibration), "images": len(inputs.cal_x)},
         "config": json.loads(q.model_dump_json()),
         "snr_definition": (
             "10*log10(sum(ref^2) / sum((q - ref)^2)) in dB, ref = float (BN-folded) network; at a point "
@@ -291,122 +295,46 @@ def _quantize_into(run: RunConfig, out_dir: Path, *, log=print) -> dict:
             "sigmoid cannot tell values apart"
         ),
         "runtime": "simulation (PyTorch fake-quant); ONNX QDQ in onnxruntime, full-integer TFLite in LiteRT (CPU)",
-        "results": results,
-        "peers": peers,
+        "results": [row for r in results for row in r.rows],
+        "peers": [row for r in results for row in r.peers],
     }
-    out_dir.mkdir(parents=True, exist_ok=True)
+
+
+def write_report(inputs: QuantInputs, results: list[PrecisionResult], out_dir: Path) -> dict:
+    """The report stage: report.json, outputs.npz (per-image logits of float and every variant, so
+    that paired statistics later need no rerun) and the SNR-per-block plot."""
+    from effdeploy.fileio import atomic_write_text
     from effdeploy.report import json_safe
 
+    report = build_report(inputs, results)
+    outputs = {"labels": inputs.labels, "float": inputs.float_logits}
+    for r in results:
+        outputs.update(r.outputs)
+    out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / "report.json", json.dumps(json_safe(report), indent=2, default=str))
     save_outputs(outputs, out_dir / OUTPUTS)
     plot_block_snr(report, out_dir / "snr_per_block.png")
     return report
 
 
-OUTPUTS = "outputs.npz"
-
-
 def save_outputs(outputs: dict[str, np.ndarray], path: Path) -> None:
     """Per-image logits as one compressed npz: ``labels``, ``float``, ``{precision}.{method}`` for
-    the simulation, ``{precision}.ours.{artifact}`` for the runtimes, ``{precision}.peer.{name}``."""
+    the simulation, ``{precision}.ours.{artifact}`` for the runtimes, ``{precision}.peer.{name}``.
+    The archive's entries carry a fixed date, so the same logits give the same bytes."""
     import io
+    import zipfile
 
     from effdeploy.fileio import atomic_write_bytes
 
     buf = io.BytesIO()
-    np.savez_compressed(buf, **{k: np.ascontiguousarray(v) for k, v in sorted(outputs.items())})
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for key, value in sorted(outputs.items()):
+            member = io.BytesIO()
+            np.lib.format.write_array(member, np.ascontiguousarray(value), allow_pickle=False)
+            info = zipfile.ZipInfo(f"{key}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            info.compress_type = zipfile.ZIP_DEFLATED
+            zf.writestr(info, member.getvalue())
     atomic_write_bytes(path, buf.getvalue())
-
-
-def runtime_artifacts(
-    sim: QuantSim,
-    runtimes,
-    out_dir: Path,
-    precision: str,
-    calibration: np.ndarray,
-    held_x: np.ndarray,
-    labels: np.ndarray,
-    sim_logits: np.ndarray,
-    float_logits: np.ndarray,
-    snr_batches: list[torch.Tensor],
-    outputs: dict[str, np.ndarray] | None = None,
-) -> dict:
-    """Emit each runtime artifact of this configuration, run it on the held-out images and
-    compare with the simulation (the contract: top-1 agreement >= 99%, output SNR within 1 dB)."""
-
-    out: dict[str, dict] = {}
-    logits: dict[str, np.ndarray] = {}
-    if "onnxruntime" in runtimes:
-        from effdeploy.quant.emit_onnx import emit_qdq_onnx, onnxruntime_layer_snr
-
-        path = out_dir / f"model_{precision}.onnx"
-        emit_qdq_onnx(sim, path)
-        backend = load_backend("onnxruntime", path)
-        info = {"file": path.name, "bytes": path.stat().st_size, "runtime": "onnxruntime"}
-        info["session_options"] = backend.session_options
-        logits["onnx_qdq"] = run_batched(backend, held_x, 256)
-        out["onnx_qdq"] = _compare(info, logits["onnx_qdq"], labels, sim_logits, float_logits)
-        out["onnx_qdq"]["layer_snr_db"] = onnxruntime_layer_snr(path, sim, snr_batches)
-    if "litert" in runtimes:
-        from effdeploy.quant.emit_tflite import emit_tflite, litert_layer_snr
-
-        path = out_dir / f"model_{precision}.tflite"
-        try:
-            info = emit_tflite(sim, path, calibration)
-        except EffdeployError as err:
-            out["tflite_int8"] = {"runtime": "litert", "skipped": str(err)}
-            info = None
-        if info is not None:
-            tensor_map = info.pop("tensor_map")
-            info.update(runtime="litert", session_options={"delegate": "XNNPACK (LiteRT default, CPU)"})
-            logits["tflite_int8"] = run_batched(load_backend("litert", path), held_x, 256)
-            out["tflite_int8"] = _compare(info, logits["tflite_int8"], labels, sim_logits, float_logits)
-            out["tflite_int8"]["layer_snr_db"] = litert_layer_snr(path, tensor_map, sim, snr_batches)
-    if outputs is not None:
-        outputs.update({f"{precision}.ours.{k}": v for k, v in logits.items()})
-    if len(logits) == 2:
-        # how well two integer runtimes of the same configuration agree with each other: the
-        # yardstick for their agreement with the simulation (a one-step rounding difference
-        # anywhere in 16 blocks moves a few borderline images, whoever does the rounding)
-        a, b = logits.values()
-        out["tflite_int8"]["agreement_with_onnxruntime"] = top1_agreement(a, b)
-        out["tflite_int8"]["snr_vs_onnxruntime_db"] = snr_db(a, b)
-    return out
-
-
-def _compare(info: dict, out: np.ndarray, labels: np.ndarray, sim_logits: np.ndarray, float_logits: np.ndarray) -> dict:
-    row = {
-        **info,
-        "top1": topk_accuracy(out, labels, 1),
-        "agreement_with_simulation": top1_agreement(sim_logits, out),
-        "snr_vs_simulation_db": snr_db(sim_logits, out),
-        "output_snr_db": snr_db(float_logits, out),
-        "snr_gap_db": snr_db(float_logits, sim_logits) - snr_db(float_logits, out),
-        "agreement_with_float": top1_agreement(float_logits, out),
-    }
-    return {**row, "within_contract": within_contract(row)}
-
-
-@torch.no_grad()
-def layer_snr(sim: QuantSim, batches: list[torch.Tensor]) -> dict[str, float]:
-    """SNR in dB of every quantization point, quantized network vs float network, same inputs."""
-    acc = SnrAccumulator()
-    for x in batches:
-        _, fq = sim.run_capture(x, quantized=False)
-        _, qq = sim.run_capture(x, quantized=True)
-        for name, ref in fq.items():
-            acc.add(name, sim.points[name].reference(ref).numpy(), qq[name].numpy())
-    return acc.result()
-
-
-def weight_bytes(sim: QuantSim) -> int:
-    """Integer weights at their bit width, int32 biases, one float32 scale per output channel."""
-    total = 0.0
-    for w in sim.weights.values():
-        total += w.float_weight.numel() * w.bits / 8
-        out_ch = w.float_weight.shape[0]
-        total += 4 * out_ch * 2  # bias + scale
-    return int(total)
 
 
 def plot_block_snr(report: dict, path: Path) -> None:
@@ -433,5 +361,91 @@ def plot_block_snr(report: dict, path: Path) -> None:
     ax.legend(fontsize=8)
     fig.tight_layout()
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
+        fig.savefig(tmp, format="png", dpi=110, metadata={"Software": None})
     plt.close(fig)
+
+
+# ---- the whole job --------------------------------------------------------------------------
+
+
+def quantize_run(run: RunConfig, out_dir: str | Path, *, log=print, jobs: int = 1) -> dict:
+    """Quantize and measure ``run`` into ``out_dir``; returns the report (see ``quantize_runs``)."""
+    return quantize_runs([(run, Path(out_dir))], log=log, jobs=jobs)[0]
+
+
+def quantize_runs(runs: list[tuple[RunConfig, Path]], *, log=print, jobs: int = 1) -> list[dict]:
+    """Quantize and measure each ``(run, out_dir)``, the precisions of all runs in one pool of
+    ``jobs`` processes. Each run's files (report, plot, outputs, runtime and peer artifacts) are
+    staged and moved into its ``out_dir`` together when all its precisions are done, so an
+    interrupted run leaves the previous complete set (fileio.staged_dir). Bad ``out_dir``s fail
+    before any work."""
+    from effdeploy.fileio import check_writable_dir, relocate, relocate_json_file, staged_dir
+
+    for _, out_dir in runs:
+        check_writable_dir(out_dir, "--out")
+    owns = lambda name: QUANT_SET.fullmatch(name) is not None  # noqa: E731
+    with contextlib.ExitStack() as stack, pinned_threads():
+        stages = [stack.enter_context(staged_dir(out, owns=owns, last="report.json")) for _, out in runs]
+        inputs = [load_inputs(run, log=log) for run, _ in runs]
+        tasks = [(i, p) for i, (run, _) in enumerate(runs) for p in run.quant.precisions]
+        tag = (lambda i: f"[{runs[i][0].name}] ") if len(runs) > 1 else (lambda i: "")
+        done = _run_tasks(inputs, tasks, stages, jobs, tag, log)
+        reports = []
+        for i, (_, out_dir) in enumerate(runs):
+            ordered = [done[(i, p)] for p in runs[i][0].quant.precisions]
+            report = write_report(inputs[i], ordered, stages[i])
+            relocate_json_file(stages[i] / "report.json", stages[i], Path(out_dir))  # paths as they will be found
+            reports.append(relocate(report, stages[i], Path(out_dir)))
+    return reports
+
+
+def _cost(inputs: QuantInputs, precision: str) -> int:
+    """Longest first keeps a pool busy: fewer weight bits mean AdaRound, the longest pass."""
+    return parse_precision(precision)[0]
+
+
+def _run_tasks(inputs, tasks, stages, jobs: int, tag: Callable[[int], str], log) -> dict:
+    order = sorted(tasks, key=lambda t: _cost(inputs[t[0]], t[1]))
+    if jobs <= 1 or len(tasks) <= 1:
+        out = {}
+        for i, p in order:
+            out[(i, p)] = quantize_precision(inputs[i], p, stages[i], log=_tagged(log, tag(i)))
+        return out
+    import multiprocessing as mp
+    import os
+    from concurrent.futures import ProcessPoolExecutor
+
+    log(f"quantizing {len(tasks)} precision runs in {min(jobs, len(tasks))} processes, {THREADS} thread each")
+    # spawn: a forked copy of a process that has used torch's thread pool can hang in OpenMP
+    ctx = mp.get_context("spawn")
+    verbose = os.environ.get("EFFDEPLOY_VERBOSE", "") == "1"
+    pool = ProcessPoolExecutor(
+        max_workers=min(jobs, len(tasks)), mp_context=ctx, initializer=_init_worker, initargs=(verbose,)
+    )
+    try:
+        futures = {(i, p): pool.submit(_worker, inputs[i], p, stages[i], tag(i)) for i, p in order}
+        return {key: fut.result() for key, fut in futures.items()}
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)  # a failure stops what has not started
+
+
+def _tagged(log, prefix: str):
+    return log if not prefix else (lambda msg: log(f"{prefix}{msg}"))
+
+
+def _init_worker(verbose: bool) -> None:
+    from effdeploy.quiet import quiet_third_party
+
+    quiet_third_party(verbose)  # a worker is a fresh process: quiet it as the CLI quiets itself
+    torch.set_num_threads(THREADS)
+
+
+def _worker(inputs: QuantInputs, precision: str, out_dir: Path, prefix: str) -> PrecisionResult:
+    from effdeploy.progress import set_label
+
+    set_label(f"{prefix}{precision}")
+
+    def log(msg: str) -> None:
+        print(f"{prefix}{msg}", flush=True)
+
+    return quantize_precision(inputs, precision, out_dir, log=log)
