@@ -156,8 +156,9 @@ def adaround_layer(
     gen = torch.Generator().manual_seed(seed)
     n = inputs.shape[0]
 
-    def qweight(hard: bool) -> torch.Tensor:
-        h = (v >= 0).float() if hard else _rectified_sigmoid(v)
+    def qweight(hard: bool, h: torch.Tensor | None = None) -> torch.Tensor:
+        if h is None:
+            h = (v >= 0).float() if hard else _rectified_sigmoid(v)
         return torch.clamp(floor + h, -qmax, qmax) * s
 
     # balance: each sample's error relative to its own target energy (mean weight 1), so that a
@@ -177,16 +178,15 @@ def adaround_layer(
     warm = int(warmup * iters)
     for it in range(iters):
         idx = torch.randint(0, n, (min(batch_size, n),), generator=gen)
-        out = fn(inputs[idx], qweight(hard=False))
-        rec = err_of(out, targets[idx], wts[idx])
-        if it < warm:
-            reg = torch.zeros(())
-        else:
+        h = _rectified_sigmoid(v)  # once a step: the soft rounding feeds the weight and the regulariser
+        out = fn(inputs[idx], qweight(hard=False, h=h))
+        loss = err_of(out, targets[idx], wts[idx])
+        if it >= warm:
             t = (it - warm) / max(1, iters - warm)
             b = beta[1] + 0.5 * (beta[0] - beta[1]) * (1 + math.cos(math.pi * t))
-            reg = reg_weight * (1 - (2 * _rectified_sigmoid(v) - 1).abs().pow(b)).sum()
+            loss = loss + reg_weight * (1 - (2 * h - 1).abs().pow(b)).sum()
         opt.zero_grad(set_to_none=True)
-        (rec + reg).backward()
+        loss.backward()
         opt.step()
     with torch.no_grad():
         result = qweight(hard=True)
