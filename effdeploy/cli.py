@@ -255,8 +255,8 @@ def reorder(
 ) -> None:
     """Move SE before the depthwise conv (or remove it) and recover accuracy by distillation."""
     from effdeploy.config import load_run_config, override_section
-    from effdeploy.train.reorder import reorder_run
     from effdeploy.train.trainer import main_log
+    from effdeploy.transforms.reorder import reorder_run
 
     if to not in ("after", "before", "none"):
         raise EffdeployError(f"--to: unknown se_placement {to!r} (after | before | none)")

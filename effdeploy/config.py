@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -218,6 +219,18 @@ def load_yaml(path: str | Path) -> dict:
     if not isinstance(data, dict):
         raise EffdeployError(f"{path}: top level must be a mapping, got {type(data).__name__}")
     return data
+
+
+def deep_merge(base: Mapping, changes: Mapping) -> dict:
+    """``changes`` laid over a config mapping: nested mappings merge key by key, anything else
+    (a list included) is replaced whole."""
+    out = dict(base)
+    for k, v in changes.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
 
 
 class DataConfig(_Strict):

@@ -63,7 +63,7 @@ def evaluate_model(
     model: torch.nn.Module, data: str | Path, batch_size: int = 64, class_names: Sequence[str] | None = None
 ) -> dict:
     """Top-1 / top-5 on ``data``; ``class_names`` (the model's outputs) maps labels by name."""
-    from effdeploy.train.trainer import predict_pixels
+    from effdeploy.model.pixels import predict_pixels
 
     if batch_size < 1:
         raise EffdeployError(f"--batch-size: must be at least 1, got {batch_size}")

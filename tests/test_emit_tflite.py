@@ -9,9 +9,11 @@ import torch
 from test_quant_core import _trained_like
 
 from effdeploy.errors import EffdeployError
-from effdeploy.quant.emit_tflite import emit_tflite, inspect_tflite, litert_layer_snr, run_all_tensors, weight_values
+from effdeploy.quant.emit_tflite import emit_tflite, inspect_tflite, weight_values
 from effdeploy.quant.sim import QuantSim
+from effdeploy.quant.verify import litert_layer_snr
 from effdeploy.runtime import load_backend
+from effdeploy.runtime.intermediates import litert_tensors
 
 # Operators of the tiny config (B0 stages, width 0.25, depth 0.5 -> repeats 1,1,1,2,2,2,1 = 10
 # blocks, 32 px) counted by hand from its structure; the docs promise these kinds only.
@@ -58,7 +60,7 @@ def test_tflite_carries_simulation_scales(calibrated: dict, tmp_path, wb: int) -
     # every point has its tensor, except pools over a 1x1 map, which TFLite drops (identity)
     assert all(p.endswith("pool") for p in set(sim.points) - mapped), set(sim.points) - mapped
     # every mapped tensor has exactly the simulation's scale and zero-point
-    it, _ = run_all_tensors(path, np.transpose(x[:2].numpy(), (0, 2, 3, 1)))
+    it, _ = litert_tensors(path, np.transpose(x[:2].numpy(), (0, 2, 3, 1)))
     details = {d["name"]: d for d in it.get_tensor_details()}
     for name, point in info["tensor_map"].items():
         scale, zero = details[name]["quantization"]
@@ -68,7 +70,7 @@ def test_tflite_carries_simulation_scales(calibrated: dict, tmp_path, wb: int) -
     # within one step (integer requantization can round a tie the other way); a random net
     # amplifies such flips downstream, so the end-to-end contract is checked on trained models
     held = x[16:].numpy()
-    _, q_tensors = run_all_tensors(path, np.transpose(held, (0, 2, 3, 1)))
+    _, q_tensors = litert_tensors(path, np.transpose(held, (0, 2, 3, 1)))
     _, caps = sim.run_capture(torch.from_numpy(held), quantized=True)
     by_point = {p: n for n, p in info["tensor_map"].items()}
     for point in ("input", "stem.conv"):

@@ -15,12 +15,13 @@ import torch
 from torch.nn import functional as F
 
 from effdeploy.config import ModelConfig, ReorderConfig
+from effdeploy.data.augment import crop_flip
 from effdeploy.data.datasets import PixelDataset
 from effdeploy.errors import EffdeployError
 from effdeploy.model.efficientnet import EfficientNet
-from effdeploy.train.augment import crop_flip
-from effdeploy.train.reorder import distill, reorder_model, transplant
-from effdeploy.train.trainer import _norm_tensors, predict_pixels, to_input
+from effdeploy.model.pixels import norm_tensors, predict_pixels, to_input
+from effdeploy.transforms.distill import distill
+from effdeploy.transforms.reorder import reorder_model, transplant
 
 TINY = {
     "variant": "b0",
@@ -66,7 +67,7 @@ def teacher(images: PixelDataset) -> EfficientNet:
     """
     torch.manual_seed(TEACHER_SEED)
     model = EfficientNet(ModelConfig(**TINY, se_placement="after"))
-    mean, std = _norm_tensors(model)
+    mean, std = norm_tensors(model)
     pixels = torch.from_numpy(images.pixels)
     labels = torch.from_numpy(images.labels)
     g = torch.Generator().manual_seed(TEACHER_SEED)

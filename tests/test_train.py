@@ -14,10 +14,10 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from effdeploy.config import RunConfig, TrainConfig, parse
+from effdeploy.data.augment import crop_flip
 from effdeploy.errors import EffdeployError
 from effdeploy.model.checkpoints import load_checkpoint
 from effdeploy.train import trainer
-from effdeploy.train.augment import crop_flip
 from effdeploy.train.trainer import lr_at, train
 
 TINY_MODEL = {

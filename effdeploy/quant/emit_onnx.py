@@ -123,6 +123,12 @@ def _key(name: str) -> str:
     return name.replace(".", "_")
 
 
+def dequantized_name(point: str) -> str:
+    """The tensor that the DequantizeLinear of quantization point ``point`` writes (the logits
+    point, a graph output, keeps the output's own name instead)."""
+    return f"{_key(point)}_dq"
+
+
 def point_tensors(model, sim: QuantSim) -> dict[str, str]:
     """Quantization point name -> ONNX tensor name, by module scope (see the module docstring)."""
     graph = model.graph
@@ -181,7 +187,7 @@ def _insert_qdq(model, sim: QuantSim, tensor_of: dict[str, str]) -> None:
             src = f"{key}_clipped"
             new_nodes.append(helper.make_node("Clip", [tensor, lo_name, hi_name], [src], name=f"{key}_clip"))
         new_nodes.append(helper.make_node("QuantizeLinear", [src, s_name, z_name], [f"{key}_q"], name=f"{key}_Q"))
-        dq = dq_output.get(tensor, f"{key}_dq")
+        dq = dq_output.get(tensor, dequantized_name(name))
         new_nodes.append(helper.make_node("DequantizeLinear", [f"{key}_q", s_name, z_name], [dq], name=f"{key}_DQ"))
         rename[tensor] = dq
         dq_scale[dq] = qp.scale
@@ -297,43 +303,3 @@ def _toposort(nodes, available: set[str]):
             raise EffdeployError(f"ONNX emitter: graph has a cycle or a missing input near {rest[0].name!r}")
         pending = rest
     return ordered
-
-
-def run_points(path: str | Path, sim: QuantSim):
-    """A function x -> {point: onnxruntime's dequantized tensor} for the QDQ model at ``path``.
-
-    Each point's DequantizeLinear output is exposed as a graph output. A graph output cannot be
-    fused into an integer kernel, so these tensors come from onnxruntime's unfused QDQ path."""
-    import onnx
-    import onnxruntime as ort
-
-    model = onnx.load(str(path))
-    names = {n.output[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
-    exposed = {f"{_key(p)}_dq": p for p in sim.points if f"{_key(p)}_dq" in names}
-    for tensor in exposed:
-        model.graph.output.append(onnx.helper.make_tensor_value_info(tensor, onnx.TensorProto.FLOAT, None))
-    opts = ort.SessionOptions()
-    opts.add_session_config_entry("session.x64quantprecision", "1")
-    session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    out_names = [o.name for o in session.get_outputs()]
-
-    def run(x: np.ndarray) -> dict[str, np.ndarray]:
-        values = dict(zip(out_names, session.run(None, {"images": x}), strict=True))
-        return {point: values[tensor] for tensor, point in exposed.items()}
-
-    return run
-
-
-def onnxruntime_layer_snr(path: str | Path, sim: QuantSim, batches) -> dict[str, float]:
-    """Per point SNR (dB) of onnxruntime's dequantized tensors against the float network (from
-    the unfused QDQ path, see ``run_points``; the report's output SNR comes from the model as
-    shipped)."""
-    from effdeploy.metrics import SnrAccumulator
-
-    run = run_points(path, sim)
-    acc = SnrAccumulator()
-    for x in batches:
-        _, ref = sim.run_capture(x, quantized=False)
-        for point, value in run(x.numpy()).items():
-            acc.add(point, sim.points[point].reference(ref[point]).numpy(), value)
-    return acc.result()

@@ -43,7 +43,8 @@ from effdeploy.errors import EffdeployError
 from effdeploy.fileio import atomic_write_bytes
 from effdeploy.quant.int4 import pack_int4, unpack_int4
 from effdeploy.quant.sim import QuantSim
-from effdeploy.runtime.litert_backend import dequantize_output, quantize_input
+from effdeploy.runtime.intermediates import litert_tensors
+from effdeploy.runtime.litert_backend import LiteRTBackend
 
 MATCH_TOLERANCE = 1e-4  # max |tflite - torch| / max |torch| for "the same tensor"
 
@@ -57,53 +58,8 @@ def _silenced():
             yield
 
 
-def _interpreter(path_or_bytes, *, preserve: bool = False):
-    from ai_edge_litert.interpreter import Interpreter, OpResolverType
-
-    src = (
-        {"model_content": bytes(path_or_bytes)}
-        if isinstance(path_or_bytes, (bytes, bytearray))
-        else {"model_path": str(path_or_bytes)}
-    )
-    # no XNNPACK: its fused subgraphs hide intermediate tensors
-    return Interpreter(
-        **src,
-        experimental_preserve_all_tensors=preserve,
-        experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES,
-    )
-
-
-def invoked(model, x_nhwc: np.ndarray):
-    """A LiteRT interpreter (builtin kernels, every tensor preserved) that has run ``x_nhwc``."""
-    it = _interpreter(model, preserve=True)
-    inp = it.get_input_details()[0]
-    it.resize_tensor_input(inp["index"], list(x_nhwc.shape))
-    it.allocate_tensors()
-    it.set_tensor(inp["index"], quantize_input(x_nhwc, inp))
-    it.invoke()
-    return it
-
-
-def run_all_tensors(model, x_nhwc: np.ndarray) -> tuple[object, dict[str, np.ndarray]]:
-    """Run a TFLite model keeping every tensor; returns (interpreter, {name: value}). Integer
-    tensors are returned dequantized."""
-    it = invoked(model, x_nhwc)
-    values = {}
-    for d in it.get_tensor_details():
-        try:
-            t = it.get_tensor(d["index"])
-        except ValueError:
-            continue
-        if t.shape and t.shape[0] == len(x_nhwc) and t.dtype in (np.int8, np.int16, np.float32):
-            if t.dtype != np.float32:
-                if not d["quantization"][0]:
-                    continue
-                t = dequantize_output(t, d)
-            values[d["name"]] = t
-    return it, values
-
-
-def _nhwc(t: torch.Tensor) -> np.ndarray:
+def nhwc(t: torch.Tensor) -> np.ndarray:
+    """A simulation tensor (NCHW) in TFLite's NHWC layout."""
     return (t.permute(0, 2, 3, 1) if t.ndim == 4 else t).numpy()
 
 
@@ -132,7 +88,7 @@ def _weight_captures(sim: QuantSim, x: np.ndarray) -> dict[str, np.ndarray]:
     model of the grid-weight graph computes."""
     with sim.float_activations():
         _, cap = sim.run_capture(torch.from_numpy(x), quantized=True)
-    return {k: _nhwc(v) for k, v in cap.items()}
+    return {k: nhwc(v) for k, v in cap.items()}
 
 
 def emit_tflite(sim: QuantSim, path: str | Path, calibration: np.ndarray, *, match_images: int = 8) -> dict:
@@ -164,7 +120,7 @@ def emit_tflite(sim: QuantSim, path: str | Path, calibration: np.ndarray, *, mat
         with sim.plain_graph() as graph:
             export_tflite(graph, float_path)
         x_match = calibration[:match_images]
-        _, float_tensors = run_all_tensors(float_path, np.transpose(x_match, (0, 2, 3, 1)))
+        _, float_tensors = litert_tensors(float_path, np.transpose(x_match, (0, 2, 3, 1)))
         captures = _weight_captures(sim, x_match)
         order = list(sim.points)
 
@@ -332,7 +288,7 @@ def _minmax_over(float_path: Path, calibration: np.ndarray, names: list[str], ba
     if not names:
         return {}
     for i in range(0, len(calibration), batch):
-        _, values = run_all_tensors(float_path, np.transpose(calibration[i : i + batch], (0, 2, 3, 1)))
+        _, values = litert_tensors(float_path, np.transpose(calibration[i : i + batch], (0, 2, 3, 1)))
         for n in names:
             if n in values:
                 lo, hi = float(values[n].min()), float(values[n].max())
@@ -343,7 +299,7 @@ def _minmax_over(float_path: Path, calibration: np.ndarray, names: list[str], ba
 
 def inspect_tflite(path: str | Path) -> dict:
     """Operators, I/O types and any float activation left in a (meant to be) full-integer model."""
-    it = _interpreter(path)
+    it = LiteRTBackend(path, use_xnnpack=False).interpreter
     it.allocate_tensors()
     ops = it._get_ops_details()
     details = {d["index"]: d for d in it.get_tensor_details()}
@@ -357,20 +313,3 @@ def inspect_tflite(path: str | Path) -> dict:
         "input": {"shape": [int(s) for s in inp["shape"]], "dtype": inp["dtype"].__name__},
         "output": {"shape": [int(s) for s in out["shape"]], "dtype": out["dtype"].__name__},
     }
-
-
-def litert_layer_snr(path: str | Path, tensor_map: dict[str, str], sim: QuantSim, batches: list[torch.Tensor]) -> dict:
-    """Per point SNR (dB) of the LiteRT int8 tensors against the float network, same images."""
-    from effdeploy.metrics import SnrAccumulator
-
-    acc = SnrAccumulator()
-    for x in batches:
-        _, ref = sim.run_capture(x, quantized=False)
-        _, values = run_all_tensors(path, np.transpose(x.numpy(), (0, 2, 3, 1)))
-        seen = set()
-        for name, point in tensor_map.items():
-            if name not in values or point in seen:
-                continue  # one tensor per point (a RESHAPE can repeat its input's numbers)
-            seen.add(point)
-            acc.add(point, _nhwc(sim.points[point].reference(ref[point])), values[name])
-    return acc.result()

@@ -579,9 +579,8 @@ def write_overlay(result: MixedPrecisionResult, path: str | Path, *, base: str |
     as it is. Either way it is validated as a config before it is written."""
     import yaml
 
-    from effdeploy.config import QuantConfig, RunConfig, load_yaml, parse
+    from effdeploy.config import QuantConfig, RunConfig, deep_merge, load_yaml, parse
     from effdeploy.fileio import atomic_write_text
-    from effdeploy.study.cache import deep_merge
 
     path = Path(path)
     data = result.overlay()

@@ -110,8 +110,8 @@ def _ensure_placement(model, run: RunConfig, log):
     target = run.quant.se_placement
     if target is None or target == model.config.se_placement:
         return model, None
-    from effdeploy.train.reorder import reorder_model
-    from effdeploy.train.trainer import load_split
+    from effdeploy.data.splits import load_split
+    from effdeploy.transforms.reorder import reorder_model
 
     log(
         f"checkpoint has se_placement={model.config.se_placement!r}, config asks for {target!r}: "

@@ -1,16 +1,18 @@
 """The emit and verify stages: write each runtime artifact of a simulation (the emitters only
 write files), run it on the held-out images through the runtime layer, and check it against the
-simulation under the runtime contract (top-1 agreement >= 99%, output SNR within 1 dB)."""
+simulation under the runtime contract (top-1 agreement >= 99%, output SNR within 1 dB); the
+layer SNRs compare the runtime's intermediate tensors with the float network."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from effdeploy.errors import EffdeployError
-from effdeploy.metrics import snr_db, top1_agreement, topk_accuracy, within_contract
+from effdeploy.metrics import SnrAccumulator, snr_db, top1_agreement, topk_accuracy, within_contract
 from effdeploy.quant.sim import QuantSim
 from effdeploy.runtime import load_backend
 from effdeploy.runtime.base import run_batched
@@ -35,7 +37,7 @@ def runtime_artifacts(
     out: dict[str, dict] = {}
     logits: dict[str, np.ndarray] = {}
     if "onnxruntime" in runtimes:
-        from effdeploy.quant.emit_onnx import emit_qdq_onnx, onnxruntime_layer_snr
+        from effdeploy.quant.emit_onnx import emit_qdq_onnx
 
         path = out_dir / f"model_{precision}.onnx"
         emit_qdq_onnx(sim, path)
@@ -46,7 +48,7 @@ def runtime_artifacts(
         out["onnx_qdq"] = _compare(info, logits["onnx_qdq"], labels, sim_logits, float_logits)
         out["onnx_qdq"]["layer_snr_db"] = onnxruntime_layer_snr(path, sim, snr_batches)
     if "litert" in runtimes:
-        from effdeploy.quant.emit_tflite import emit_tflite, litert_layer_snr
+        from effdeploy.quant.emit_tflite import emit_tflite
 
         path = out_dir / f"model_{precision}.tflite"
         try:
@@ -83,3 +85,53 @@ def _compare(info: dict, out: np.ndarray, labels: np.ndarray, sim_logits: np.nda
         "agreement_with_float": top1_agreement(float_logits, out),
     }
     return {**row, "within_contract": within_contract(row)}
+
+
+def onnxruntime_points(path: str | Path, sim: QuantSim) -> Callable[[np.ndarray], dict[str, np.ndarray]]:
+    """A function x -> {point: onnxruntime's dequantized tensor} for the QDQ model at ``path``,
+    each point's DequantizeLinear output exposed as a graph output (so from onnxruntime's
+    unfused QDQ path, see ``runtime.intermediates``)."""
+    from effdeploy.quant.emit_onnx import dequantized_name
+    from effdeploy.runtime.intermediates import onnxruntime_tensors
+
+    point_of = {dequantized_name(p): p for p in sim.points}
+    run = onnxruntime_tensors(path, list(point_of), x64quantprecision=True)
+
+    def points(x: np.ndarray) -> dict[str, np.ndarray]:
+        return {point_of[tensor]: value for tensor, value in run(x).items()}
+
+    return points
+
+
+def onnxruntime_layer_snr(path: str | Path, sim: QuantSim, batches: list[torch.Tensor]) -> dict[str, float]:
+    """Per point SNR (dB) of onnxruntime's dequantized tensors against the float network (from
+    the unfused QDQ path, see ``onnxruntime_points``; the report's output SNR comes from the
+    model as shipped)."""
+    run = onnxruntime_points(path, sim)
+    acc = SnrAccumulator()
+    for x in batches:
+        _, ref = sim.run_capture(x, quantized=False)
+        for point, value in run(x.numpy()).items():
+            acc.add(point, sim.points[point].reference(ref[point]).numpy(), value)
+    return acc.result()
+
+
+def litert_layer_snr(
+    path: str | Path, tensor_map: dict[str, str], sim: QuantSim, batches: list[torch.Tensor]
+) -> dict[str, float]:
+    """Per point SNR (dB) of the LiteRT int8 tensors (``tensor_map``: TFLite tensor -> point, as
+    ``emit_tflite`` returns it) against the float network, same images."""
+    from effdeploy.quant.emit_tflite import nhwc
+    from effdeploy.runtime.intermediates import litert_tensors
+
+    acc = SnrAccumulator()
+    for x in batches:
+        _, ref = sim.run_capture(x, quantized=False)
+        _, values = litert_tensors(path, np.transpose(x.numpy(), (0, 2, 3, 1)))
+        seen = set()
+        for name, point in tensor_map.items():
+            if name not in values or point in seen:
+                continue  # one tensor per point (a RESHAPE can repeat its input's numbers)
+            seen.add(point)
+            acc.add(point, nhwc(sim.points[point].reference(ref[point])), values[name])
+    return acc.result()

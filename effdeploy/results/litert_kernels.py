@@ -29,11 +29,12 @@ def check_model(path: Path, x_nhwc: np.ndarray) -> list[dict]:
     from ai_edge_litert import schema_py_generated as schema
     from ai_edge_litert.tools import flatbuffer_utils
 
-    from effdeploy.quant.emit_tflite import invoked, operators, weight_values
+    from effdeploy.quant.emit_tflite import operators, weight_values
+    from effdeploy.runtime.intermediates import litert_invoked
 
     int4, int8 = schema.TensorType.INT4, schema.TensorType.INT8
     fb = flatbuffer_utils.read_model_from_bytearray(bytearray(path.read_bytes()))
-    it = invoked(path, x_nhwc)
+    it = litert_invoked(path, x_nhwc)
     rows = []
     for graph, op, kind in operators(fb, ("CONV_2D", "FULLY_CONNECTED")):
         wt = graph.tensors[op.inputs[1]]

@@ -39,7 +39,7 @@ def evaluate(
     from effdeploy.data.datasets import load_pixels
     from effdeploy.metrics import topk_accuracy
     from effdeploy.model.checkpoints import load_checkpoint
-    from effdeploy.train.trainer import predict_pixels
+    from effdeploy.model.pixels import predict_pixels
 
     rows = []
     test_cache: dict[str, object] = {}

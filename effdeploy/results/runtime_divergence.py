@@ -23,9 +23,11 @@ def measure(run, images: int, calibration_images: int, points: int | None = None
     or None where that runtime does not expose the point."""
     from effdeploy.data.sources import load_images
     from effdeploy.model.checkpoints import load_checkpoint
-    from effdeploy.quant.emit_onnx import emit_qdq_onnx, run_points
-    from effdeploy.quant.emit_tflite import _nhwc, emit_tflite, run_all_tensors
+    from effdeploy.quant.emit_onnx import emit_qdq_onnx
+    from effdeploy.quant.emit_tflite import emit_tflite, nhwc
     from effdeploy.quant.sim import QuantSim
+    from effdeploy.quant.verify import onnxruntime_points
+    from effdeploy.runtime.intermediates import litert_tensors
 
     model = load_checkpoint(run.checkpoint).eval()
     pre = model.config.preprocess
@@ -37,25 +39,25 @@ def measure(run, images: int, calibration_images: int, points: int | None = None
 
     with tempfile.TemporaryDirectory() as tmp:
         onnx_path = emit_qdq_onnx(sim, Path(tmp) / "q.onnx")
-        ort_of = run_points(onnx_path, sim)(held)
+        ort_of = onnxruntime_points(onnx_path, sim)(held)
         info = emit_tflite(sim, Path(tmp) / "q.tflite", cal[:64])
-        _, tfl_vals = run_all_tensors(Path(tmp) / "q.tflite", np.transpose(held, (0, 2, 3, 1)))
+        _, tfl_vals = litert_tensors(Path(tmp) / "q.tflite", np.transpose(held, (0, 2, 3, 1)))
         tfl_of = {}
         for name, point in info["tensor_map"].items():
             if name in tfl_vals and point not in tfl_of:
                 tfl_of[point] = tfl_vals[name]
 
-    def steps(point: str, value: np.ndarray, nhwc: bool) -> np.ndarray:
-        ref = _nhwc(cap[point]) if nhwc else cap[point].numpy()
+    def steps(point: str, value: np.ndarray, in_nhwc: bool) -> np.ndarray:
+        ref = nhwc(cap[point]) if in_nhwc else cap[point].numpy()
         qp = sim.points[point].fixed or sim.points[point].qparams
         return np.abs(value.reshape(ref.shape) - ref) / qp.scale
 
     rows = []
     for point in list(sim.points)[:points]:
         cells = []
-        for vals, nhwc in ((ort_of, False), (tfl_of, True)):
+        for vals, in_nhwc in ((ort_of, False), (tfl_of, True)):
             if point in vals:
-                d = steps(point, vals[point], nhwc)
+                d = steps(point, vals[point], in_nhwc)
                 cells.append((float(np.mean(d >= 0.5)), float(d.max())))
             else:
                 cells.append(None)

@@ -30,7 +30,7 @@ def validation_images(run, cal_files: set[str], n: int, seed: int = 0):
     """Up to ``n`` validation-split images (model inputs and labels), none of them one of
     ``cal_files`` (the calibration set's relative paths), drawn with ``seed``; and whether any
     image was dropped for being a calibration image."""
-    from effdeploy.train.trainer import load_split
+    from effdeploy.data.splits import load_split
 
     _, val = load_split(run)
     keep = np.arange(len(val))

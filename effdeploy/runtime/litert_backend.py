@@ -49,7 +49,15 @@ def dequantize_output(y: np.ndarray, detail: dict) -> np.ndarray:
 class LiteRTBackend:
     name = "litert"
 
-    def __init__(self, path: str | Path, threads: int | None = None, use_xnnpack: bool = True) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        threads: int | None = None,
+        use_xnnpack: bool = True,
+        preserve_all_tensors: bool = False,
+    ) -> None:
+        """``preserve_all_tensors`` keeps every intermediate tensor readable after ``invoke``
+        (LiteRT otherwise reuses their memory); with XNNPACK its fused subgraphs still hide them."""
         path = Path(path)
         if not path.is_file():
             raise EffdeployError(f"{path}: TFLite model not found")
@@ -59,6 +67,8 @@ class LiteRTBackend:
             from ai_edge_litert.interpreter import OpResolverType
 
             kwargs["experimental_op_resolver_type"] = OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+        if preserve_all_tensors:
+            kwargs["experimental_preserve_all_tensors"] = True
         try:
             self.interpreter = Interpreter(**kwargs)
         except Exception as err:
@@ -74,13 +84,17 @@ class LiteRTBackend:
             self.interpreter.allocate_tensors()
             self._batch = batch
 
-    def run(self, images: np.ndarray) -> np.ndarray:
-        x = np.ascontiguousarray(np.transpose(images, (0, 2, 3, 1)), dtype=np.float32)
-        self._prepare(len(x))
+    def invoke(self, x_nhwc: np.ndarray) -> None:
+        """Run float NHWC images (quantized here for an integer input); the results stay in
+        ``self.interpreter``."""
+        self._prepare(len(x_nhwc))
         inp = self.interpreter.get_input_details()[0]
-        out = self.interpreter.get_output_details()[0]
-        self.interpreter.set_tensor(inp["index"], quantize_input(x, inp))
+        self.interpreter.set_tensor(inp["index"], quantize_input(x_nhwc, inp))
         self.interpreter.invoke()
+
+    def run(self, images: np.ndarray) -> np.ndarray:
+        self.invoke(np.ascontiguousarray(np.transpose(images, (0, 2, 3, 1)), dtype=np.float32))
+        out = self.interpreter.get_output_details()[0]
         return dequantize_output(self.interpreter.get_tensor(out["index"]), out)
 
 

@@ -22,12 +22,19 @@ from effdeploy.runtime.base import register
 class OnnxRuntimeBackend:
     name = "onnxruntime"
 
-    def __init__(self, path: str | Path, threads: int | None = None, x64quantprecision: bool | None = None) -> None:
+    def __init__(
+        self, path: str | Path | bytes, threads: int | None = None, x64quantprecision: bool | None = None
+    ) -> None:
+        """``path`` may also be a serialized model (bytes), as an edited graph is held in memory."""
         import onnxruntime as ort
 
-        path = Path(path)
-        if not path.is_file():
-            raise EffdeployError(f"{path}: ONNX model not found")
+        if isinstance(path, bytes):
+            source, path = path, "ONNX model in memory"
+        else:
+            path = Path(path)
+            if not path.is_file():
+                raise EffdeployError(f"{path}: ONNX model not found")
+            source = str(path)
         if x64quantprecision is None:
             from effdeploy.runtime.cpu import int8_may_saturate
 
@@ -44,13 +51,19 @@ class OnnxRuntimeBackend:
             "execution_mode": str(opts.execution_mode).split(".")[-1],
         }
         try:
-            self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
         except Exception as err:
             raise EffdeployError(f"{path}: onnxruntime cannot load it ({str(err).splitlines()[0][:200]})") from None
         self.input_name = self.session.get_inputs()[0].name
+        self.output_names = [o.name for o in self.session.get_outputs()]
 
     def run(self, images: np.ndarray) -> np.ndarray:
         return self.session.run(None, {self.input_name: np.ascontiguousarray(images, dtype=np.float32)})[0]
+
+    def run_all(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        """Every graph output, by name."""
+        values = self.session.run(None, {self.input_name: np.ascontiguousarray(images, dtype=np.float32)})
+        return dict(zip(self.output_names, values, strict=True))
 
 
 register("onnxruntime")(OnnxRuntimeBackend)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from effdeploy.config import RunConfig, load_yaml, parse
+from effdeploy.config import RunConfig, deep_merge, load_yaml, parse
 from effdeploy.errors import EffdeployError
 
 CELL_FILE = "cell.json"
@@ -38,16 +38,6 @@ class Cell:
     config: Path
     precision: str
     overrides: Mapping[str, Any] = field(default_factory=dict)
-
-
-def deep_merge(base: Mapping, changes: Mapping) -> dict:
-    out = dict(base)
-    for k, v in changes.items():
-        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
-            out[k] = deep_merge(out[k], v)
-        else:
-            out[k] = v
-    return out
 
 
 def resolve_run(cell: Cell) -> RunConfig:

@@ -119,7 +119,7 @@ def cell_label(model: str, precision: str) -> str:
 
 def study_cells(cfg: CompareConfig) -> list[Cell]:
     """One cell per model and precision: the model's config with the study's and its own changes."""
-    from effdeploy.study.cache import deep_merge
+    from effdeploy.config import deep_merge
 
     cells = []
     for m in cfg.models:

@@ -1,1 +1,1 @@
-"""Training from scratch, and SE reordering with distillation."""
+"""Training from scratch (SE reordering, which distils a trained model, lives in ``effdeploy.transforms``)."""

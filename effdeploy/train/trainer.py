@@ -23,45 +23,23 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.nn import functional as F
 
 from effdeploy.config import RunConfig, TrainConfig, check_model_size, env_number, parse
-from effdeploy.data.datasets import PixelDataset, load_pixels, stratified_split
+from effdeploy.data.augment import crop_flip
+from effdeploy.data.splits import load_split
 from effdeploy.errors import EffdeployError
 from effdeploy.fileio import atomic_path, atomic_write_text, check_writable_dir
 from effdeploy.model.checkpoints import load_checkpoint, load_pickle_weights_only, save_checkpoint
 from effdeploy.model.efficientnet import EfficientNet
+from effdeploy.model.pixels import norm_tensors, predict_pixels, to_input
 from effdeploy.progress import progress
-from effdeploy.train.augment import crop_flip
 
 LAST = "last.safetensors"
 STATE = "train_state.pt"
 FINAL = "model.safetensors"
 METRICS = "metrics.jsonl"
-
-
-def to_input(pixels: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """uint8 NHWC -> normalised float NCHW in channels_last memory (no copy of the layout)."""
-    x = (pixels.float().div_(255.0) - mean) / std
-    return x.permute(0, 3, 1, 2)
-
-
-def _norm_tensors(model: EfficientNet) -> tuple[torch.Tensor, torch.Tensor]:
-    pre = model.config.preprocess
-    return torch.tensor(pre.mean, dtype=torch.float32), torch.tensor(pre.std, dtype=torch.float32)
-
-
-@torch.inference_mode()
-def predict_pixels(model: EfficientNet, pixels: np.ndarray, batch_size: int = 500, desc: str = "eval") -> np.ndarray:
-    """Logits for uint8 NHWC pixels, through the model's own normalisation."""
-    model.eval()
-    mean, std = _norm_tensors(model)
-    out = []
-    for s in progress(range(0, len(pixels), batch_size), desc=desc, unit="batch"):
-        out.append(model(to_input(torch.from_numpy(pixels[s : s + batch_size]), mean, std)).float())
-    return torch.cat(out).numpy() if out else np.zeros((0, model.config.num_classes), np.float32)
 
 
 def lr_at(step: int, total_steps: int, warmup_steps: int, cfg: TrainConfig) -> float:
@@ -97,23 +75,6 @@ def _config_fingerprint(run: RunConfig) -> str:
         },
         sort_keys=True,
     )
-
-
-def load_split(run: RunConfig, limit: int | None = None) -> tuple[PixelDataset, PixelDataset]:
-    """The training folder decoded and split into (train, validation), deterministically."""
-    data = load_pixels(run.data.train, run.model.preprocess)
-    if len(data.class_names) != run.model.num_classes:
-        raise EffdeployError(
-            f"{run.data.train}: {len(data.class_names)} classes but model.num_classes is {run.model.num_classes}"
-        )
-    if limit is not None:  # smoke runs: a stratified subset, still deterministic
-        from effdeploy.data.datasets import stratified_sample
-
-        data = data.subset(stratified_sample(data.labels, min(limit, len(data)), run.data.split_seed))
-    if run.data.val_fraction > 0:
-        keep, held = stratified_split(data.labels, run.data.val_fraction, run.data.split_seed)
-        return data.subset(keep), data.subset(held)
-    return data, data.subset(np.arange(0))
 
 
 def train(run: RunConfig, out_dir: str | Path, *, resume: bool = False, limit: int | None = None, log=print) -> dict:
@@ -171,7 +132,7 @@ def train(run: RunConfig, out_dir: str | Path, *, resume: bool = False, limit: i
         raise EffdeployError(f"{run.data.train}: {n} training images, fewer than one batch of {cfg.batch_size}")
     total_steps = steps_per_epoch * cfg.epochs
     warmup_steps = int(cfg.warmup_epochs * steps_per_epoch)
-    mean, std = _norm_tensors(model)
+    mean, std = norm_tensors(model)
     pixels = torch.from_numpy(train_set.pixels)
     labels = torch.from_numpy(train_set.labels)
     log(

@@ -3,27 +3,26 @@
 Step 1, transplant: every weight carries over by name. ``before`` has exactly the parameter
 shapes of ``after`` (the gate acts on the expanded features either way), so the load is strict;
 ``none`` drops the SE tensors. The network now computes something different, and accuracy drops.
-Step 2, distillation: the transplanted student learns the original teacher's temperature-softened
-logits (KL divergence, scaled by T^2) on unlabelled training images, with the same per-sample
-crop/flip as training. Labels are never read.
+Step 2, distillation (``transforms.distill``): the transplanted student learns the original
+teacher's temperature-softened logits on unlabelled training images. Labels are never read.
+
+``quant`` calls ``reorder_model`` when a config asks for another placement than the
+checkpoint's; ``effdeploy reorder`` runs ``reorder_run``.
 """
 
 from __future__ import annotations
 
-import math
 import time
 
 import torch
-from torch.nn import functional as F
 
 from effdeploy.config import ModelConfig, ReorderConfig, parse
 from effdeploy.data.datasets import PixelDataset
 from effdeploy.errors import EffdeployError
 from effdeploy.metrics import topk_accuracy
 from effdeploy.model.efficientnet import EfficientNet
-from effdeploy.progress import progress
-from effdeploy.train.augment import crop_flip
-from effdeploy.train.trainer import _norm_tensors, predict_pixels, to_input
+from effdeploy.model.pixels import predict_pixels
+from effdeploy.transforms.distill import distill
 
 
 def transplant(source: EfficientNet, se_placement: str) -> EfficientNet:
@@ -42,72 +41,6 @@ def transplant(source: EfficientNet, se_placement: str) -> EfficientNet:
             raise EffdeployError(f"cannot transplant: {k!r} has shape {tuple(src[k].shape)}, target {tuple(v.shape)}")
     target.load_state_dict({k: src[k] for k in want}, strict=True)
     return target
-
-
-def distill(
-    student: EfficientNet,
-    teacher: EfficientNet,
-    images: PixelDataset,
-    cfg: ReorderConfig,
-    *,
-    crop_padding: int = 4,
-    hflip: bool = True,
-    log=print,
-) -> list[dict]:
-    """KL distillation of ``teacher``'s logits into ``student`` for ``cfg.steps`` steps."""
-    if cfg.steps == 0:
-        return []
-    if len(images) < cfg.batch_size:
-        raise EffdeployError(f"distillation needs at least {cfg.batch_size} images, got {len(images)}")
-    gen = torch.Generator().manual_seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
-    teacher.eval()
-    student.train()
-    student.to(memory_format=torch.channels_last)
-    opt = torch.optim.SGD(student.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    mean, std = _norm_tensors(student)
-    pixels = torch.from_numpy(images.pixels)
-    t2 = cfg.temperature**2
-    order = torch.randperm(len(images), generator=gen)
-    cursor = 0
-    history = []
-    running = 0.0
-    for step in progress(range(cfg.steps), desc="distill", unit="step"):
-        if cursor + cfg.batch_size > len(order):
-            order, cursor = torch.randperm(len(images), generator=gen), 0
-        idx = order[cursor : cursor + cfg.batch_size]
-        cursor += cfg.batch_size
-        x = to_input(crop_flip(pixels[idx], crop_padding, hflip, gen), mean, std)
-        if step < cfg.warmup_steps:
-            lr = cfg.lr * (step + 1) / cfg.warmup_steps
-        else:
-            t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-            lr = cfg.lr * 0.5 * (1 + math.cos(math.pi * t))
-        for g in opt.param_groups:
-            g["lr"] = lr
-        with torch.no_grad():
-            t_logits = teacher(x)
-        s_logits = student(x)
-        loss = (
-            F.kl_div(
-                F.log_softmax(s_logits / cfg.temperature, 1),
-                F.log_softmax(t_logits / cfg.temperature, 1),
-                log_target=True,
-                reduction="batchmean",
-            )
-            * t2
-        )
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        running += loss.item()
-        if (step + 1) % 100 == 0 or step + 1 == cfg.steps:
-            n = (step % 100) + 1
-            history.append({"step": step + 1, "kl": running / n, "lr": lr})
-            log(f"distill step {step + 1}/{cfg.steps}: KL {running / n:.4f}")
-            running = 0.0
-    student.eval()
-    return history
 
 
 def reorder_model(
@@ -163,9 +96,9 @@ def reorder_run(checkpoint, se_placement: str, run, out_dir, *, log=print) -> di
     import json
     from pathlib import Path
 
+    from effdeploy.data.splits import load_split
     from effdeploy.fileio import atomic_write_text, check_writable_dir
     from effdeploy.model.checkpoints import load_checkpoint, save_checkpoint
-    from effdeploy.train.trainer import load_split
 
     out_dir = Path(out_dir)
     check_writable_dir(out_dir, "--out")  # before the distillation, not after it
