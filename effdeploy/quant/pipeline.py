@@ -180,12 +180,13 @@ class _Stage:
         self.log, self.label = log, label
 
     def __enter__(self):
-        self.t0 = time.perf_counter()
+        self.t0, self.cpu0 = time.perf_counter(), time.process_time()
         return self
 
     def __exit__(self, *exc) -> None:
         if exc[0] is None:
-            self.log(f"    {self.label} ({time.perf_counter() - self.t0:.0f} s)")
+            wall, cpu = time.perf_counter() - self.t0, time.process_time() - self.cpu0
+            self.log(f"    {self.label} ({wall:.0f} s, CPU {cpu:.0f} s)")
 
 
 def quantize_precision(inputs: QuantInputs, precision: str, out_dir: Path, *, log=print) -> PrecisionResult:
@@ -443,7 +444,7 @@ def _init_worker(verbose: bool) -> None:
 def _worker(inputs: QuantInputs, precision: str, out_dir: Path, prefix: str) -> PrecisionResult:
     from effdeploy.progress import set_label
 
-    set_label(f"{prefix}{precision}")
+    set_label(f"{prefix.strip('[] ')} {precision}".strip())
 
     def log(msg: str) -> None:
         print(f"{prefix}{msg}", flush=True)
