@@ -180,7 +180,9 @@ class QuantSim:
         saturate_sigmoid_inputs: bool = False,
     ) -> None:
         self.config = model.config
-        self.model = fold_batchnorm(model)
+        # channels-last: PyTorch's CPU depthwise and 1x1 convs are several times faster in it
+        # (same values; only the summation order inside a kernel may differ)
+        self.model = fold_batchnorm(model).to(memory_format=torch.channels_last)
         for m in list(self.model.modules()):
             for child_name, child in list(m.named_children()):
                 if isinstance(child, nn.SiLU):
@@ -428,9 +430,12 @@ class QuantSim:
         prev = self.mode
         self.detach_hooks()
         self.set_weights(quantized=True)
+        # the exporters trace strides too: the plain layout gives the plain graph
+        self.model.to(memory_format=torch.contiguous_format)
         try:
             yield self.model.eval()
         finally:
+            self.model.to(memory_format=torch.channels_last)
             self.attach_hooks()
             self.mode = prev
             self.set_weights(quantized=prev == "quant")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import torch
 
@@ -13,7 +15,11 @@ class TorchBackend:
 
     def __init__(self, model: torch.nn.Module, threads: int | None = None) -> None:
         # a module in eval mode, or any callable on float tensors (the quantization simulation)
-        self.model = model.eval() if isinstance(model, torch.nn.Module) else model
+        # a module runs as a channels-last copy (the caller's stays as it is): PyTorch's CPU
+        # depthwise and 1x1 convs are several times faster in that layout
+        if isinstance(model, torch.nn.Module):
+            model = copy.deepcopy(model).to(memory_format=torch.channels_last).eval()
+        self.model = model
         if threads:
             torch.set_num_threads(threads)
         self.session_options = {"num_threads": torch.get_num_threads(), "mode": "eager", "dtype": "float32"}
