@@ -54,6 +54,7 @@ def evaluate(run: RunConfig, precision: str, changes: dict, images: int, seed: i
     """One row of the validation log: "ours" of ``run`` (already carrying ``changes``, recorded
     in the row) at ``precision`` against the float network on ``images`` validation images; and
     whether calibration images were removed from those."""
+    commit = checkout_commit()  # the code this run imports: read before the work, not after it
     from effdeploy.data.calibration import load_calibration_set
     from effdeploy.metrics import snr_db, top1_agreement, topk_accuracy
     from effdeploy.model.checkpoints import load_checkpoint
@@ -85,7 +86,7 @@ def evaluate(run: RunConfig, precision: str, changes: dict, images: int, seed: i
         "agreement": top1_agreement(ref, out),
         "output_snr_db": snr_db(ref, out),
         "seconds": round(time.perf_counter() - t0, 1),
-        "commit": checkout_commit(),
+        "commit": commit,
     }
     return row, dropped
 
