@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -15,6 +16,17 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from effdeploy.errors import EffdeployError
+
+
+def json_safe(obj):
+    """Replace non-finite floats by the strings "inf" / "-inf" / "nan" (JSON has no such numbers)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return "nan" if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [json_safe(v) for v in obj]
+    return obj
 
 
 @contextlib.contextmanager

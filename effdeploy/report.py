@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import math
-
+from effdeploy.fileio import json_safe  # noqa: F401 -- re-exported: report writers use it from here
 from effdeploy.model.arch import PAPER_GFLOPS
 
 
@@ -90,17 +89,6 @@ def print_fidelity(result) -> None:
         )
     _console().print(t)
     print(f"manifest: {result.out_dir / 'manifest.json'}")
-
-
-def json_safe(obj):
-    """Replace non-finite floats by the strings "inf" / "-inf" / "nan" (JSON has no such numbers)."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return "nan" if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
-    if isinstance(obj, dict):
-        return {k: json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [json_safe(v) for v in obj]
-    return obj
 
 
 def method_label(method: dict, wider: list[str] | tuple[str, ...] = ()) -> str:

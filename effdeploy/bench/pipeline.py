@@ -216,9 +216,8 @@ def bench_run(run: RunConfig, artifact_dir: Path, opts: BenchOptions, *, out: Pa
     ``bench.json`` (this run), append ``bench.md`` and ``bench_history.jsonl``, plot ``bench.png``."""
     from effdeploy.bench import report as bench_report
     from effdeploy.data.sources import load_images
-    from effdeploy.fileio import atomic_write_text
+    from effdeploy.fileio import atomic_write_text, json_safe
     from effdeploy.model.checkpoints import load_checkpoint
-    from effdeploy.report import json_safe
     from effdeploy.runtime.base import run_batched
 
     out = Path(out or artifact_dir)

@@ -18,8 +18,8 @@ import numpy as np
 
 from effdeploy.config import DEFAULT_CALIBRATION, RunConfig
 from effdeploy.errors import EffdeployError
+from effdeploy.fileio import json_safe
 from effdeploy.metrics import max_abs_diff, snr_db, top1_agreement
-from effdeploy.report import json_safe
 from effdeploy.runtime.base import load_backend, run_batched
 
 ARTIFACT_NAMES = {"onnx": "model.onnx", "tflite": "model.tflite"}

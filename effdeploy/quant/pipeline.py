@@ -304,8 +304,7 @@ def build_report(inputs: QuantInputs, results: list[PrecisionResult]) -> dict:
 def write_report(inputs: QuantInputs, results: list[PrecisionResult], out_dir: Path) -> dict:
     """The report stage: report.json, outputs.npz (per-image logits of float and every variant, so
     that paired statistics later need no rerun) and the SNR-per-block plot."""
-    from effdeploy.fileio import atomic_write_text
-    from effdeploy.report import json_safe
+    from effdeploy.fileio import atomic_write_text, json_safe
 
     report = build_report(inputs, results)
     outputs = {"labels": inputs.labels, "float": inputs.float_logits}
