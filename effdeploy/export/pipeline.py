@@ -109,7 +109,7 @@ def export_run(run: RunConfig, out_dir: str | Path, *, random_init: bool = False
     source = fidelity_source(run)
     images = load_images(source, pre, n=run.export.fidelity_images)
     inputs = images.inputs(pre)
-    reference = run_batched(TorchBackend(model, threads=run.export.threads), inputs)
+    reference = run_batched(TorchBackend(model, threads=run.export.threads, channels_last=False), inputs)
     # the fidelity images' class names describe the model's outputs only when they are its classes
     # (ImageNet samples measuring a CIFAR-10 model must not label its 10 outputs with 1000 names)
     class_names = list(images.class_names) if len(images.class_names) == model.config.num_classes else []
