@@ -321,6 +321,7 @@ def test_quantize_set_is_all_or_nothing(tmp_path: Path, monkeypatch: pytest.Monk
         return report
 
     monkeypatch.setattr(qp, "quantize_precision", precision_done)
+    monkeypatch.setattr(qp, "quantize_peers", lambda inputs, stage, *, log=print: {})
     monkeypatch.setattr(qp, "write_report", complete)
     expected = {"run": 2, "peers": [{"error": f"{out / 'peer_x_w8a8.onnx'}: quantize_static failed"}]}
     assert qp.quantize_run(RunConfig(), out) == expected  # recorded paths are where files are found

@@ -14,6 +14,7 @@ SNR, size, and, where intermediate tensors can be read, the per-point SNR (LiteR
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,9 +128,12 @@ def run_peers(
     *,
     log=print,
     outputs: dict[str, np.ndarray] | None = None,
+    work: Path | None = None,
 ) -> list[dict]:
     """Quantize ``model`` with every peer for this precision and measure each on ``held_x``
-    (each peer's per-image logits go to ``outputs`` as ``{precision}.peer.{name}``)."""
+    (each peer's per-image logits go to ``outputs`` as ``{precision}.peer.{name}``). ``work`` holds
+    the peers' float graphs; pass the same folder for every precision of one model to export them
+    once (default: a temporary folder for this call)."""
     from effdeploy.runtime import load_backend
     from effdeploy.runtime.base import run_batched
 
@@ -139,8 +143,9 @@ def run_peers(
     folded = _folded_float(model)
     precision = f"w{weight_bits}a{act_bits}"
     rows = []
-    with tempfile.TemporaryDirectory(prefix="effdeploy-peers-") as tmp:
-        work = Path(tmp)
+    with contextlib.ExitStack() as stack:
+        if work is None:
+            work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="effdeploy-peers-")))
         made: dict[tuple, Path] = {}
         for peer in peers:
             key = (peer.tool, peer.calibration)

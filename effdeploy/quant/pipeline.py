@@ -10,10 +10,12 @@
 - **peers** (``quant.peers``): the tools users would otherwise pick, same model and images;
 - **report**: ``report.json``, per-image logits (``outputs.npz``) and the SNR-per-block plot.
 
-Precisions are independent of each other: with ``jobs`` > 1 they run in parallel processes (those
-of several runs share one pool). Every stage computes with one intra-op thread, in each process:
-a float sum's rounding depends on how threads split it, and the learning passes amplify that, so
-pinning is what makes the artifacts and reports the same whatever the machine's core count.
+Precisions are independent of each other, and of the peers: with ``jobs`` > 1 each precision,
+and each run's peers (all precisions in one task, so their float graphs are exported once), runs
+in a pool of processes shared by all runs, longest task first. Every stage computes with one
+intra-op thread, in each process: a float sum's rounding depends on how threads split it, and the
+learning passes amplify that, so pinning is what makes the artifacts and reports the same
+whatever the machine's core count.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ __all__ = [
     "layer_snr",
     "load_inputs",
     "methods_for",
+    "quantize_peers",
     "quantize_precision",
     "quantize_run",
     "quantize_runs",
@@ -160,7 +163,7 @@ def load_inputs(run: RunConfig, *, log=print) -> QuantInputs:
     return inputs
 
 
-# ---- one precision: calibrate, measure, emit, verify, peers ---------------------------------
+# ---- one precision: calibrate, measure, emit, verify; the peers of every precision --------------------------------
 
 
 @dataclass
@@ -190,7 +193,8 @@ class _Stage:
 
 
 def quantize_precision(inputs: QuantInputs, precision: str, out_dir: Path, *, log=print) -> PrecisionResult:
-    """Every stage of one precision; runtime and peer artifacts are written into ``out_dir``."""
+    """Every stage of one precision but the peers (``quantize_peers``); runtime artifacts are
+    written into ``out_dir``."""
     run, q = inputs.run, inputs.run.quant
     wb, ab = parse_precision(precision)
     result = PrecisionResult(precision)
@@ -245,23 +249,37 @@ def quantize_precision(inputs: QuantInputs, precision: str, out_dir: Path, *, lo
             f"({100 * row['top1_delta']:+.2f}), agreement {100 * row['agreement']:.2f}%, "
             f"SNR {row['output_snr_db']:.2f} dB ({time.perf_counter() - t0:.0f} s)"
         )
-    if q.peers:
-        from effdeploy.quant.peers import run_peers
-
-        with _Stage(log, f"{precision} peers"):
-            result.peers = run_peers(
-                inputs.model,
-                inputs.cal_x,
-                inputs.held_x,
-                inputs.labels,
-                inputs.float_logits,
-                wb,
-                ab,
-                out_dir,
-                log=log,
-                outputs=result.outputs,
-            )
     return result
+
+
+def quantize_peers(inputs: QuantInputs, out_dir: Path, *, log=print) -> dict[str, PrecisionResult]:
+    """The peers stage of every precision of a run, as one task: the peers' BN-folded float graphs
+    (ONNX for onnxruntime, TFLite for ai-edge-quantizer) are exported once and serve each precision.
+    Returns, per precision, a result holding only its peers' rows and per-image logits."""
+    import tempfile
+
+    from effdeploy.quant.peers import run_peers
+
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="effdeploy-peers-") as tmp:
+        for precision in inputs.run.quant.precisions:
+            wb, ab = parse_precision(precision)
+            result = results[precision] = PrecisionResult(precision)
+            with _Stage(log, f"{precision} peers"):
+                result.peers = run_peers(
+                    inputs.model,
+                    inputs.cal_x,
+                    inputs.held_x,
+                    inputs.labels,
+                    inputs.float_logits,
+                    wb,
+                    ab,
+                    out_dir,
+                    log=log,
+                    outputs=result.outputs,
+                    work=Path(tmp),
+                )
+    return results
 
 
 # ---- report ---------------------------------------------------------------------------------
@@ -387,9 +405,17 @@ def quantize_runs(runs: list[tuple[RunConfig, Path]], *, log=print, jobs: int = 
     with contextlib.ExitStack() as stack, pinned_threads():
         stages = [stack.enter_context(staged_dir(out, owns=owns, last="report.json")) for _, out in runs]
         inputs = [load_inputs(run, log=log) for run, _ in runs]
+        # a task is one precision of one run (ours), or the peers of all of a run's precisions
         tasks = [(i, p) for i, (run, _) in enumerate(runs) for p in run.quant.precisions]
+        tasks += [(i, PEERS) for i, (run, _) in enumerate(runs) if run.quant.peers]
+        costs = {t: task_cost(runs[t[0]][0], t[1]) for t in tasks}
         tag = (lambda i: f"[{runs[i][0].name}] ") if len(runs) > 1 else (lambda i: "")
-        done = _run_tasks(inputs, tasks, stages, jobs, tag, log)
+        done = _run_tasks(inputs, tasks, costs, stages, jobs, tag, log)
+        for i, p in list(done):
+            if p == PEERS:
+                for precision, peers in done.pop((i, p)).items():
+                    done[(i, precision)].peers = peers.peers
+                    done[(i, precision)].outputs.update(peers.outputs)
         reports = []
         for i, (_, out_dir) in enumerate(runs):
             ordered = [done[(i, p)] for p in runs[i][0].quant.precisions]
@@ -399,31 +425,52 @@ def quantize_runs(runs: list[tuple[RunConfig, Path]], *, log=print, jobs: int = 
     return reports
 
 
-def _cost(inputs: QuantInputs, precision: str) -> int:
-    """Longest first keeps a pool busy: fewer weight bits mean AdaRound, the longest pass."""
-    return parse_precision(precision)[0]
+#: the task name of a run's peers stage (all its precisions), beside the precisions' own tasks
+PEERS = "peers"
 
 
-def _run_tasks(inputs, tasks, stages, jobs: int, tag: Callable[[int], str], log) -> dict:
-    order = sorted(tasks, key=lambda t: _cost(inputs[t[0]], t[1]))
+def task_cost(run: RunConfig, task: str) -> float:
+    """A rough CPU-seconds estimate of one task on a B0-class CIFAR model, used only to start the
+    longest tasks first so that the pool's processes finish together (it changes no result)."""
+    from effdeploy.quant.registry import enabled_passes
+
+    q = run.quant
+    if task == PEERS:
+        return 60.0 * len(q.precisions)
+    q = q.for_precision(task)
+    passes = enabled_passes(q, parse_precision(task)[0])
+    per_pass = {
+        "range_search": 300.0,
+        "learn_ranges": 0.4 * q.learn_ranges_steps,
+        "adaround": 0.25 * q.adaround_iters,
+        "block_reconstruction": 1.0 * q.block_reconstruction_iters,
+        "bias_correction": 30.0,
+    }
+    return 60.0 + sum(per_pass.get(name, 30.0) for name in passes)
+
+
+def _run_task(inputs: QuantInputs, task: str, out_dir: Path, log):
+    if task == PEERS:
+        return quantize_peers(inputs, out_dir, log=log)
+    return quantize_precision(inputs, task, out_dir, log=log)
+
+
+def _run_tasks(inputs, tasks, costs, stages, jobs: int, tag: Callable[[int], str], log) -> dict:
+    order = sorted(tasks, key=lambda t: -costs[t])  # longest first (stable: config order on ties)
     if jobs <= 1 or len(tasks) <= 1:
-        out = {}
-        for i, p in order:
-            out[(i, p)] = quantize_precision(inputs[i], p, stages[i], log=_tagged(log, tag(i)))
-        return out
+        return {(i, t): _run_task(inputs[i], t, stages[i], _tagged(log, tag(i))) for i, t in order}
     import multiprocessing as mp
     import os
     from concurrent.futures import ProcessPoolExecutor
 
-    log(f"quantizing {len(tasks)} precision runs in {min(jobs, len(tasks))} processes, {THREADS} thread each")
+    workers = min(jobs, len(tasks))
+    log(f"quantizing: {len(tasks)} tasks (precisions and peers) in {workers} processes, {THREADS} thread each")
     # spawn: a forked copy of a process that has used torch's thread pool can hang in OpenMP
     ctx = mp.get_context("spawn")
     verbose = os.environ.get("EFFDEPLOY_VERBOSE", "") == "1"
-    pool = ProcessPoolExecutor(
-        max_workers=min(jobs, len(tasks)), mp_context=ctx, initializer=_init_worker, initargs=(verbose,)
-    )
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker, initargs=(verbose,))
     try:
-        futures = {(i, p): pool.submit(_worker, inputs[i], p, stages[i], tag(i)) for i, p in order}
+        futures = {(i, t): pool.submit(_worker, inputs[i], t, stages[i], tag(i)) for i, t in order}
         return {key: fut.result() for key, fut in futures.items()}
     finally:
         pool.shutdown(wait=True, cancel_futures=True)  # a failure stops what has not started
@@ -440,12 +487,12 @@ def _init_worker(verbose: bool) -> None:
     torch.set_num_threads(THREADS)
 
 
-def _worker(inputs: QuantInputs, precision: str, out_dir: Path, prefix: str) -> PrecisionResult:
+def _worker(inputs: QuantInputs, task: str, out_dir: Path, prefix: str):
     from effdeploy.progress import set_label
 
-    set_label(f"{prefix.strip('[] ')} {precision}".strip())
+    set_label(f"{prefix.strip('[] ')} {task}".strip())
 
     def log(msg: str) -> None:
         print(f"{prefix}{msg}", flush=True)
 
-    return quantize_precision(inputs, precision, out_dir, log=log)
+    return _run_task(inputs, task, out_dir, log)
