@@ -248,3 +248,27 @@ def test_learn_ranges_repairs_bad_ranges_and_keeps_the_rest(tiny_config: dict) -
     assert result["changed"] and all(sim.points[n].kind not in frozen for n in result["changed"])
     assert all(sim.points[n].qparams == qp for n, qp in frozen.items())
     assert [p.requires_grad for p in sim.model.parameters()] == grads and sim.learnable is None
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_prefix_gives_what_a_whole_forward_pass_gives(setup, quantized: bool) -> None:
+    """_Prefix runs only a layer's own segment, from a kept input: every layer's inputs and
+    outputs must be bit for bit those of the whole network run up to it, in both modes, and
+    after a layer it passed changes (its rounding, its bias) the kept input must carry it."""
+    from effdeploy.quant.passes import _layer_io, _Prefix
+
+    model, batches, _, _ = setup
+    sim = QuantSim(model, weight_bits=4, act_bits=8)
+    sim.calibrate(batches)
+    prefix = _Prefix(sim, batches, quantized=quantized)
+    names = list(sim.weights)
+    for i, n in enumerate(names):
+        module = sim.weights[n].module
+        for inputs in (True, False):
+            got = prefix.io(module, inputs=inputs)
+            assert torch.equal(got, _layer_io(sim, module, batches, quantized=quantized, inputs=inputs)), n
+        if i % 3 == 0:  # a visited layer changes, as AdaRound and bias correction change them
+            w = sim.weights[n]
+            w.bias_delta = torch.full((w.module.weight.shape[0],), 0.01)
+    with pytest.raises(ValueError, match="network order"):
+        prefix.io(sim.weights[names[0]].module)
