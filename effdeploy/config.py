@@ -1,197 +1,40 @@
-"""Typed configuration: every YAML file in configs/ is an instance of these pydantic models.
+"""Typed configuration: every YAML file in configs/ is a ``RunConfig``, one pydantic model per section.
 
-A model config names a family member (``variant``) and may override any field; the validator
-fills the rest from the published coefficients, so a saved config is always fully concrete and
-rebuilds the exact same network. Errors name the offending field.
+The ``model`` section lives in model/config.py so that the model package never imports this
+module; its names are re-exported here, with the validation helpers of parsing.py and the model
+size limit of model/profile.py, for the code that reads whole configs. Errors name the offending field.
 """
 
 from __future__ import annotations
 
-import math
-import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from effdeploy.errors import EffdeployError
-from effdeploy.model.arch import (
-    B0_STAGES,
-    FAMILY,
-    ArchSpec,
-    Stage,
-    compound_scaling,
-    is_lite,
-    resolve,
-    round_repeats,
-)
+from effdeploy.model.config import IMAGENET_MEAN as IMAGENET_MEAN
+from effdeploy.model.config import IMAGENET_STD as IMAGENET_STD
+from effdeploy.model.config import MAX_BLOCKS_PER_STAGE as MAX_BLOCKS_PER_STAGE
+from effdeploy.model.config import MAX_MULT as MAX_MULT
+from effdeploy.model.config import MAX_RESOLUTION as MAX_RESOLUTION
+from effdeploy.model.config import PHI_RANGE as PHI_RANGE
+from effdeploy.model.config import STAGE_LIMITS as STAGE_LIMITS
+from effdeploy.model.config import Activation as Activation
+from effdeploy.model.config import ModelConfig, SePlacement
+from effdeploy.model.config import Norm as Norm
+from effdeploy.model.config import Padding as Padding
+from effdeploy.model.config import PreprocessConfig as PreprocessConfig
+from effdeploy.model.profile import DEFAULT_MAX_PARAMS as DEFAULT_MAX_PARAMS
+from effdeploy.model.profile import MAX_PARAMS_ENV as MAX_PARAMS_ENV
+from effdeploy.model.profile import check_model_size as check_model_size
+from effdeploy.model.profile import max_params as max_params
+from effdeploy.parsing import Strict, describe_error, parse
+from effdeploy.parsing import env_number as env_number
+from effdeploy.parsing import format_validation_error as format_validation_error
 
-SePlacement = Literal["after", "before", "none"]
-Activation = Literal["silu", "relu6", "hardswish"]
-Norm = Literal["bn", "gn"]
-Padding = Literal["symmetric", "same"]
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-# Bounds that keep a config describable (the stage table names at most 702 blocks per stage) and
-# its numbers finite; whether such a model fits in memory is check_model_size's question.
-PHI_RANGE = (-20.0, 20.0)
-MAX_RESOLUTION = 8192
-MAX_MULT = 64.0
-MAX_BLOCKS_PER_STAGE = 256
 MAX_SEED = 2**63 - 1  # numpy and torch generators take non-negative 64-bit seeds
-STAGE_LIMITS = {"expand": (1, 16), "kernel": (1, 15), "stride": (1, 4), "repeats": (1, 64), "channels": (1, 16384)}
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
-
-
-_Positive = Annotated[float, Field(gt=0)]
-
-
-class PreprocessConfig(_Strict):
-    """How an image becomes the model's input tensor. Owned by the model so export, calibration
-    and evaluation can never disagree."""
-
-    resolution: int = Field(224, ge=8, le=MAX_RESOLUTION)
-    mean: tuple[float, float, float] = IMAGENET_MEAN  # in [0, 1] units, RGB
-    std: tuple[_Positive, _Positive, _Positive] = IMAGENET_STD
-    # "center_crop": resize the short side to resolution / crop_pct, then crop the centre square
-    # (the ImageNet eval protocol); "resize": resize the whole image to resolution x resolution.
-    resize: Literal["center_crop", "resize"] = "center_crop"
-    crop_pct: float = Field(0.875, gt=0, le=1)
-    interpolation: Literal["bilinear", "bicubic"] = "bicubic"
-
-
-class ModelConfig(_Strict):
-    """One member of the EfficientNet family. Unset fields come from ``variant`` (or ``phi``)."""
-
-    variant: str = "b0"
-    phi: float | None = None  # compound coefficient; overrides the variant's published scaling
-    width_mult: float = Field(1.0, gt=0, le=MAX_MULT)
-    depth_mult: float = Field(1.0, gt=0, le=MAX_MULT)
-    resolution: int = Field(224, ge=8, le=MAX_RESOLUTION)
-    dropout: float = Field(0.2, ge=0, lt=1)
-    drop_path_rate: float = Field(0.2, ge=0, lt=1)
-    num_classes: int = Field(1000, ge=1)
-    se_placement: SePlacement = "after"
-    se_ratio: float = Field(0.25, gt=0, le=1)
-    activation: Activation = "silu"
-    norm: Norm = "bn"
-    norm_eps: float = Field(1e-3, gt=0)
-    gn_groups: int = Field(8, ge=1)
-    padding: Padding = "symmetric"
-    fix_stem_head: bool = False
-    stages: tuple[Stage, ...] = B0_STAGES
-    preprocess: PreprocessConfig = PreprocessConfig()
-
-    @model_validator(mode="before")
-    @classmethod
-    def _fill_from_variant(cls, data: Any) -> Any:
-        if not isinstance(data, dict):
-            return data
-        data = dict(data)
-        variant = str(data.get("variant", "b0")).lower()
-        if variant not in FAMILY:
-            raise ValueError(f"variant: unknown {variant!r}; choose one of {', '.join(FAMILY)}")
-        data["variant"] = variant
-        phi = data.get("phi")
-        scaling = compound_scaling(_check_phi(phi)) if phi is not None else FAMILY[variant]
-        lite = is_lite(variant)
-        defaults = {
-            "width_mult": scaling.width,
-            "depth_mult": scaling.depth,
-            "resolution": scaling.resolution,
-            "dropout": scaling.dropout,
-            "se_placement": "none" if lite else "after",
-            "activation": "relu6" if lite else "silu",
-            "fix_stem_head": lite,
-        }
-        for key, value in defaults.items():
-            data.setdefault(key, value)
-        pre = data.get("preprocess") or {}
-        if isinstance(pre, dict):  # anything else is reported by field validation
-            pre = dict(pre)
-            pre.setdefault("resolution", data["resolution"])
-        data["preprocess"] = pre
-        return data
-
-    @model_validator(mode="after")
-    def _check(self) -> ModelConfig:
-        if self.preprocess.resolution != self.resolution:
-            raise ValueError(
-                f"preprocess.resolution ({self.preprocess.resolution}) must equal resolution ({self.resolution})"
-            )
-        if not self.stages:
-            raise ValueError("stages: at least one stage is needed")
-        for i, stage in enumerate(self.stages):
-            for name, (lo, hi) in STAGE_LIMITS.items():
-                value = getattr(stage, name)
-                if not lo <= value <= hi:
-                    raise ValueError(f"stages.{i}.{name}: must be between {lo} and {hi}, got {value}")
-            if stage.kernel % 2 == 0:
-                raise ValueError(f"stages.{i}.kernel: must be odd, got {stage.kernel}")
-            blocks = round_repeats(stage.repeats, self.depth_mult)
-            if blocks > MAX_BLOCKS_PER_STAGE:
-                raise ValueError(
-                    f"depth_mult: {self.depth_mult:g} gives stage {i + 1} {blocks} blocks "
-                    f"(at most {MAX_BLOCKS_PER_STAGE})"
-                )
-        return self
-
-    @property
-    def has_se(self) -> bool:
-        return self.se_placement != "none"
-
-    def arch(self) -> ArchSpec:
-        """Resolve the stage table into concrete block shapes (see model/arch.py)."""
-        return resolve(
-            stages=self.stages,
-            width=self.width_mult,
-            depth=self.depth_mult,
-            resolution=self.resolution,
-            num_classes=self.num_classes,
-            se_ratio=self.se_ratio,
-            use_se=self.has_se,
-            fix_stem_head=self.fix_stem_head,
-            drop_path_rate=self.drop_path_rate,
-        )
-
-
-def _check_phi(phi: Any) -> float:
-    """The compound coefficient as a float, refused before the scaling formula sees it."""
-    try:
-        value = float(phi)
-    except (TypeError, ValueError):
-        raise ValueError(f"phi: must be a number, got {phi!r}") from None
-    lo, hi = PHI_RANGE
-    if not (math.isfinite(value) and lo <= value <= hi):
-        raise ValueError(f"phi: must be between {lo:g} and {hi:g}, got {phi!r}")
-    return value
-
-
-def format_validation_error(err: ValidationError, source: str) -> str:
-    """Pydantic's multi-line report squeezed into one line that names each bad field."""
-    parts = [_describe(e, ".".join(str(p) for p in e["loc"])) for e in err.errors()]
-    return f"{source}: invalid config: " + "; ".join(parts)
-
-
-def _describe(error: Any, where: str) -> str:
-    """One pydantic error as ``where: problem`` on one line (our validators name their field)."""
-    msg = " ".join(str(error["msg"]).split()).removeprefix("Value error, ")
-    return f"{where}: {msg}" if where else msg
-
-
-def parse(model_cls: type[BaseModel], data: Any, source: str) -> Any:
-    """Validate ``data`` as ``model_cls``; a failure becomes a one-line EffdeployError."""
-    try:
-        return model_cls.model_validate(data)
-    except ValidationError as err:
-        raise EffdeployError(format_validation_error(err, source)) from None
 
 
 def load_yaml(path: str | Path) -> dict:
@@ -233,7 +76,7 @@ def deep_merge(base: Mapping, changes: Mapping) -> dict:
     return out
 
 
-class DataConfig(_Strict):
+class DataConfig(Strict):
     """Where the images are. Relative paths are relative to the working directory."""
 
     train: Path = Path("../shared/data/cifar10/train")
@@ -242,12 +85,12 @@ class DataConfig(_Strict):
     split_seed: int = Field(0, ge=0, le=MAX_SEED)
 
 
-class AugmentConfig(_Strict):
+class AugmentConfig(Strict):
     crop_padding: int = Field(4, ge=0)  # random crop after zero-padding each side by this much
     hflip: bool = True
 
 
-class TrainConfig(_Strict):
+class TrainConfig(Strict):
     """A CPU-efficient recipe: SGD (Nesterov) or AdamW, linear warm-up then cosine decay,
     label smoothing, per-sample crop/flip on cached pixels, channels_last."""
 
@@ -268,7 +111,7 @@ class TrainConfig(_Strict):
     eval_batch_size: int = Field(500, ge=1)
 
 
-class ReorderConfig(_Strict):
+class ReorderConfig(Strict):
     """Knowledge distillation that recovers accuracy after moving or removing SE: the reordered
     student learns the original model's softened logits on unlabelled training images."""
 
@@ -282,7 +125,7 @@ class ReorderConfig(_Strict):
     seed: int = Field(0, ge=0, le=MAX_SEED)
 
 
-class ExportConfig(_Strict):
+class ExportConfig(Strict):
     """What to export and how fidelity is measured."""
 
     formats: tuple[Literal["onnx", "tflite"], ...] = Field(("onnx", "tflite"), min_length=1)
@@ -294,7 +137,7 @@ class ExportConfig(_Strict):
     threads: int | None = Field(None, ge=1)
 
 
-class LayerOverride(_Strict):
+class LayerOverride(Strict):
     """Per-layer bit widths: ``pattern`` is a regex searched in quantization point and layer
     names (``blocks.block2a.dwconv.conv``, ``classifier``); the last matching override wins."""
 
@@ -316,7 +159,7 @@ class LayerOverride(_Strict):
 PRECISION_RE = r"^w([2-8])a([2-9]|1[0-6])$"
 
 
-class QuantConfig(_Strict):
+class QuantConfig(Strict):
     """Post-training quantization. Precisions are named weights-first: w8a8, w4a8, w4a4."""
 
     precisions: tuple[str, ...] = Field(("w8a8", "w4a8"), min_length=1)
@@ -404,7 +247,7 @@ def parse_precision(name: str) -> tuple[int, int]:
     return int(m.group(1)), int(m.group(2))
 
 
-class RunConfig(_Strict):
+class RunConfig(Strict):
     """A whole pipeline config file: the sections that exist so far."""
 
     name: str | None = None  # default: the config file's stem
@@ -445,44 +288,6 @@ def override_section(run: RunConfig, section: str, options: dict[str, tuple[str,
                 where = options[loc[0]][0] + "".join(f"[{p}]" for p in loc[1:])
             else:
                 where = ".".join([section, *loc])
-            parts.append(_describe(e, where))
+            parts.append(describe_error(e, where))
         raise EffdeployError("; ".join(parts)) from None
     return run.model_copy(update={section: updated})
-
-
-MAX_PARAMS_ENV = "EFFDEPLOY_MAX_PARAMS"
-DEFAULT_MAX_PARAMS = 500_000_000  # 2 GB of float32 weights; B7 has 66 M
-
-
-def env_number(name: str, what: str = "a number") -> float | None:
-    """A numeric limit the user set in the environment (None when unset): the one parser of the
-    EFFDEPLOY_MAX_* overrides, so each refuses a bad value with the same one-line error."""
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return None
-    try:
-        value = float(raw)
-        int(value)  # inf and nan are no limits
-    except (ValueError, OverflowError):
-        raise EffdeployError(f"{name}: not {what}: {raw!r}") from None
-    return value
-
-
-def max_params() -> int:
-    value = env_number(MAX_PARAMS_ENV)
-    return DEFAULT_MAX_PARAMS if value is None else int(value)
-
-
-def check_model_size(model: ModelConfig, source: str) -> int:
-    """The model's parameter count (analytic, nothing allocated), refused past ``max_params()``:
-    a config that would exhaust memory is a one-line error, not an allocation that never returns."""
-    from effdeploy.model.profile import profile_config
-
-    params = profile_config(model).params
-    limit = max_params()
-    if params > limit:
-        raise EffdeployError(
-            f"{source}: the model has {params / 1e6:,.0f} M parameters, over the limit of {limit / 1e6:,.0f} M "
-            f"(set {MAX_PARAMS_ENV} to allow more)"
-        )
-    return params

@@ -20,10 +20,12 @@ from typing import Any
 import torch
 
 from effdeploy import __version__
-from effdeploy.config import ModelConfig, check_model_size, parse
 from effdeploy.errors import EffdeployError
 from effdeploy.fileio import atomic_path
+from effdeploy.model.config import ModelConfig
 from effdeploy.model.efficientnet import EfficientNet, build_model
+from effdeploy.model.profile import check_model_size
+from effdeploy.parsing import parse
 
 FORMAT_TAG = "effdeploy-checkpoint/1"
 LAYOUTS = ("effdeploy", "torchvision", "timm", "efficientnet_pytorch")

@@ -14,8 +14,9 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from effdeploy.config import ModelConfig
 from effdeploy.model.blocks import ConvNormAct, MBConv
+from effdeploy.model.config import ModelConfig
+from effdeploy.parsing import parse
 
 
 class EfficientNet(nn.Module):
@@ -91,8 +92,6 @@ def build_model(config: ModelConfig | dict | str = "b0", **overrides) -> Efficie
     ``overrides`` are config fields (``se_placement="before"``, ``num_classes=10``). Overriding a
     concrete ModelConfig keeps its resolved widths; pass a dict or a name to re-derive them.
     """
-    from effdeploy.config import parse
-
     if isinstance(config, str):
         config = {"variant": config}
     elif isinstance(config, ModelConfig):

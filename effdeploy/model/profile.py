@@ -4,6 +4,7 @@ No forward pass and no torch: the counts follow from the stage table, which is w
 checked against the built model's ``numel()`` (tests do) and against the paper's FLOPs column.
 MACs count convolutions and the classifier (the convention of the paper and of fvcore/ptflops);
 pooling, activations and the SE channel-wise multiply are elementwise and listed separately.
+The same count bounds what a config may build (``check_model_size``), before anything is allocated.
 """
 
 from __future__ import annotations
@@ -11,8 +12,10 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
-from effdeploy.config import ModelConfig
+from effdeploy.errors import EffdeployError
 from effdeploy.model.arch import ArchSpec
+from effdeploy.model.config import ModelConfig
+from effdeploy.parsing import env_number
 
 KINDS = ("stem", "expand", "depthwise", "se", "project", "head", "classifier")
 
@@ -138,3 +141,25 @@ def profile_arch(arch: ArchSpec, *, variant: str = "custom", se_placement: str =
 
 def profile_config(config: ModelConfig) -> Profile:
     return profile_arch(config.arch(), variant=config.variant, se_placement=config.se_placement)
+
+
+MAX_PARAMS_ENV = "EFFDEPLOY_MAX_PARAMS"
+DEFAULT_MAX_PARAMS = 500_000_000  # 2 GB of float32 weights; B7 has 66 M
+
+
+def max_params() -> int:
+    value = env_number(MAX_PARAMS_ENV)
+    return DEFAULT_MAX_PARAMS if value is None else int(value)
+
+
+def check_model_size(model: ModelConfig, source: str) -> int:
+    """The model's parameter count (analytic, nothing allocated), refused past ``max_params()``:
+    a config that would exhaust memory is a one-line error, not an allocation that never returns."""
+    params = profile_config(model).params
+    limit = max_params()
+    if params > limit:
+        raise EffdeployError(
+            f"{source}: the model has {params / 1e6:,.0f} M parameters, over the limit of {limit / 1e6:,.0f} M "
+            f"(set {MAX_PARAMS_ENV} to allow more)"
+        )
+    return params
