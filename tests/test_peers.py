@@ -40,3 +40,49 @@ def test_run_peers_measures_each(tiny_config: dict, tmp_path) -> None:
     # the default-session row reuses the MinMax model: same file, only the session differs
     assert rows[0]["file"] == rows[1]["file"]
     assert rows[-1]["file"].endswith(".tflite") and len(messages) == len(rows)
+
+
+def _graph_bytes(path) -> bytes:
+    """An ONNX model's bytes without the exporter's per-node source locations (stack traces)."""
+    import onnx
+
+    m = onnx.load(path)
+    for node in m.graph.node:
+        del node.metadata_props[:]
+    return m.SerializeToString()
+
+
+@pytest.mark.slow
+def test_peers_calibrate_once_per_model(tiny_config: dict, tmp_path) -> None:
+    """A second precision reuses the first one's calibration (onnxruntime's range cache,
+    ai-edge-quantizer's ranges): its artifacts must be exactly those of calibrating afresh,
+    since activation ranges do not depend on the weights' bits."""
+    from effdeploy.quant.peers import PeerWork
+
+    model = _trained_like(tiny_config)
+    cal = torch.randn(16, 3, 32, 32).numpy()
+    held = torch.randn(4, 3, 32, 32).numpy()
+    labels = np.arange(4)
+    with torch.no_grad():
+        float_logits = model(torch.from_numpy(held)).numpy()
+    args = (model, cal, held, labels, float_logits)
+    (tmp_path / "w").mkdir()
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "fresh").mkdir()
+    shared = PeerWork(tmp_path / "w")
+    run_peers(*args, 8, 8, tmp_path / "shared", log=lambda m: None, work=shared)
+    assert sorted(p.name for p in (tmp_path / "w").glob("ort_ranges_*.json")) == [
+        "ort_ranges_Entropy.json",
+        "ort_ranges_MinMax.json",
+        "ort_ranges_Percentile.json",
+    ]
+    assert shared.aeq_ranges is not None
+    reused = run_peers(*args, 4, 8, tmp_path / "shared", log=lambda m: None, work=shared)
+    fresh = run_peers(*args, 4, 8, tmp_path / "fresh", log=lambda m: None)
+    assert [r["file"] for r in reused] == [r["file"] for r in fresh]
+    for r in fresh:
+        a, b = tmp_path / "shared" / r["file"], tmp_path / "fresh" / r["file"]
+        if r["file"].endswith(".onnx"):
+            assert _graph_bytes(a) == _graph_bytes(b), r["file"]
+        else:
+            assert a.read_bytes() == b.read_bytes(), r["file"]

@@ -68,14 +68,25 @@ def _folded_float(model: torch.nn.Module) -> torch.nn.Module:
     return fold_batchnorm(model).eval()
 
 
+class PeerWork:
+    """What the peers of one model share across its precisions: a folder for the BN-folded float
+    graphs and onnxruntime's calibration ranges (its own JSON cache), and ai-edge-quantizer's
+    calibration result. Activation ranges do not depend on the weights' bits, so each tool
+    calibrates once per model and method, as a user quantizing at two precisions would."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.aeq_ranges = None
+
+
 def ort_quantize(
-    model: torch.nn.Module, calibration: np.ndarray, weight_bits: int, method: str, dest: Path, work: Path
+    model: torch.nn.Module, calibration: np.ndarray, weight_bits: int, method: str, dest: Path, work: PeerWork
 ) -> Path:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     from effdeploy.export.onnx import torch_to_onnx
 
-    float_path = work / "float.onnx"
+    float_path = work.folder / "float.onnx"
     if not float_path.exists():
         torch_to_onnx(model, float_path, opset=21, resolution=model.config.resolution, name=dest)
     try:
@@ -88,30 +99,32 @@ def ort_quantize(
             activation_type=QuantType.QInt8,
             weight_type=QuantType.QInt4 if weight_bits == 4 else QuantType.QInt8,
             calibrate_method=CalibrationMethod[method],  # MinMax | Percentile | Entropy
+            calibration_cache_path=work.folder / f"ort_ranges_{method}.json",
         )
     except Exception as err:
         raise EffdeployError(f"{dest}: onnxruntime quantize_static failed ({str(err).splitlines()[0][:200]})") from None
     return dest
 
 
-def aeq_quantize(model: torch.nn.Module, calibration: np.ndarray, weight_bits: int, dest: Path, work: Path) -> Path:
+def aeq_quantize(model: torch.nn.Module, calibration: np.ndarray, weight_bits: int, dest: Path, work: PeerWork) -> Path:
     from ai_edge_quantizer import quantizer as aeq
 
     from effdeploy.export.tflite import export_tflite
     from effdeploy.fileio import atomic_write_bytes
     from effdeploy.quant.emit_tflite import _silenced
 
-    float_path = work / "float.tflite"
+    float_path = work.folder / "float.tflite"
     if not float_path.exists():
         export_tflite(model, float_path)
     qt = aeq.Quantizer(str(float_path))
     qt.add_static_config(".*", "*", 8, weight_bits)
     x = np.transpose(calibration, (0, 2, 3, 1))
     with _silenced():
-        qsvs = qt.calibrate(
-            {"serving_default": [{"args_0": x[i : i + 1].copy()} for i in range(len(x))]}, num_threads=1
-        )
-        result = qt.quantize(qsvs, enable_progress_report=False, enable_progress_bar=False)
+        if work.aeq_ranges is None:
+            work.aeq_ranges = qt.calibrate(
+                {"serving_default": [{"args_0": x[i : i + 1].copy()} for i in range(len(x))]}, num_threads=1
+            )
+        result = qt.quantize(work.aeq_ranges, enable_progress_report=False, enable_progress_bar=False)
     atomic_write_bytes(dest, bytes(result.quantized_model))
     return dest
 
@@ -128,12 +141,12 @@ def run_peers(
     *,
     log=print,
     outputs: dict[str, np.ndarray] | None = None,
-    work: Path | None = None,
+    work: PeerWork | None = None,
 ) -> list[dict]:
     """Quantize ``model`` with every peer for this precision and measure each on ``held_x``
     (each peer's per-image logits go to ``outputs`` as ``{precision}.peer.{name}``). ``work`` holds
-    the peers' float graphs; pass the same folder for every precision of one model to export them
-    once (default: a temporary folder for this call)."""
+    what the peers share across precisions (``PeerWork``); pass the same one for every precision
+    of one model to export and calibrate once (default: a fresh one for this call)."""
     from effdeploy.runtime import load_backend
     from effdeploy.runtime.base import run_batched
 
@@ -145,7 +158,7 @@ def run_peers(
     rows = []
     with contextlib.ExitStack() as stack:
         if work is None:
-            work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="effdeploy-peers-")))
+            work = PeerWork(Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="effdeploy-peers-"))))
         made: dict[tuple, Path] = {}
         for peer in peers:
             key = (peer.tool, peer.calibration)

@@ -254,14 +254,16 @@ def quantize_precision(inputs: QuantInputs, precision: str, out_dir: Path, *, lo
 
 def quantize_peers(inputs: QuantInputs, out_dir: Path, *, log=print) -> dict[str, PrecisionResult]:
     """The peers stage of every precision of a run, as one task: the peers' BN-folded float graphs
-    (ONNX for onnxruntime, TFLite for ai-edge-quantizer) are exported once and serve each precision.
+    (ONNX for onnxruntime, TFLite for ai-edge-quantizer) are exported, and each tool calibrates, once
+    for all precisions.
     Returns, per precision, a result holding only its peers' rows and per-image logits."""
     import tempfile
 
-    from effdeploy.quant.peers import run_peers
+    from effdeploy.quant.peers import PeerWork, run_peers
 
     results = {}
     with tempfile.TemporaryDirectory(prefix="effdeploy-peers-") as tmp:
+        work = PeerWork(Path(tmp))
         for precision in inputs.run.quant.precisions:
             wb, ab = parse_precision(precision)
             result = results[precision] = PrecisionResult(precision)
@@ -277,7 +279,7 @@ def quantize_peers(inputs: QuantInputs, out_dir: Path, *, log=print) -> dict[str
                     out_dir,
                     log=log,
                     outputs=result.outputs,
-                    work=Path(tmp),
+                    work=work,
                 )
     return results
 
