@@ -93,7 +93,7 @@ def print_fidelity(result) -> None:
 
 def method_label(method: dict, wider: list[str] | tuple[str, ...] = ()) -> str:
     """``ours``, with the optional passes it ran named (range search is off by default) and the
-    layers a per-layer override keeps wider than the precision says (``wider_layers``)."""
+    layers and points a per-layer override keeps wider than the precision says (``wider_layers``)."""
     from effdeploy.quant.registry import pass_labels, passes_of
 
     label = method["name"]
@@ -102,21 +102,26 @@ def method_label(method: dict, wider: list[str] | tuple[str, ...] = ()) -> str:
         label += " + " + " + ".join(passes) + (" (KL)" if method.get("range_search_objective") == "kl" else "")
     if label.startswith("ours") and method.get("saturate_sigmoid_inputs") is False:
         label += ", no sigmoid saturation"  # on by default (reports before it existed lack the key)
-    return label + (f" ({', '.join(wider)}: 8-bit weights)" if wider else "")
+    return label + (f" ({'; '.join(wider)})" if wider else "")
 
 
 def wider_layers(config: dict, precision: str) -> list[str]:
-    """The override patterns (as plain names) that give weights more bits than ``precision``."""
+    """What the per-layer overrides keep wider than ``precision`` says, one entry per kind and
+    width, e.g. ``"stem.conv, classifier: 8-bit weights"`` or ``"input, se.pool: 8-bit
+    activations"``: a label must say what is not at the precision it names. The overrides of a
+    ``by_precision`` entry replace the section's at that precision."""
     import re
 
     from effdeploy.config import parse_precision
 
-    wb, _ = parse_precision(precision)
-    out = []
-    for o in config.get("overrides", ()):
-        if o.get("weight_bits") is not None and o["weight_bits"] > wb:
-            out.append(re.sub(r"[\\^$]", "", o["pattern"]).strip("."))
-    return out
+    wb, ab = parse_precision(precision)
+    overrides = config.get("by_precision", {}).get(precision, {}).get("overrides", config.get("overrides", ()))
+    groups: dict[tuple[str, int], list[str]] = {}
+    for o in overrides:
+        for kind, key, base in (("weights", "weight_bits", wb), ("activations", "act_bits", ab)):
+            if o.get(key) is not None and o[key] > base:
+                groups.setdefault((kind, o[key]), []).append(re.sub(r"[\\^$]", "", o["pattern"]).strip("."))
+    return [f"{', '.join(names)}: {bits}-bit {kind}" for (kind, bits), names in groups.items()]
 
 
 def print_quant(report: dict) -> None:

@@ -375,3 +375,28 @@ def test_trained_model_meets_the_runtime_contract(repo_root: Path, shared_data: 
     assert ort["agreement_with_simulation"] >= 0.99 and abs(ort["snr_gap_db"]) < 1, ort
     assert ours["output_snr_db"] > 12.0  # measured 12.9 dB
     assert ours["top1"] >= report["float"]["top1"] - 0.03  # measured 0.800 (-1.3 points)
+
+
+def test_labels_say_what_stays_wider() -> None:
+    """A W4A4 label names what an override keeps at 8 bits, weights and activations apart, and
+    a by_precision entry's overrides replace the section's at that precision only."""
+    from effdeploy.report import method_label, wider_layers
+
+    config = {
+        "overrides": [{"pattern": r"^stem\.conv$", "weight_bits": 8}],
+        "by_precision": {
+            "w4a4": {
+                "overrides": [
+                    {"pattern": "^input$", "act_bits": 8},
+                    {"pattern": r"\.se\.pool$", "act_bits": 8},
+                    {"pattern": "^classifier$", "weight_bits": 8, "act_bits": 8},
+                    {"pattern": "^head", "act_bits": 4},  # not wider than a4: not named
+                ]
+            }
+        },
+    }
+    assert wider_layers(config, "w4a8") == ["stem.conv: 8-bit weights"]
+    assert wider_layers(config, "w8a8") == []  # 8 bits is not wider than w8
+    assert method_label({"name": "ours"}, wider_layers(config, "w4a4")) == (
+        "ours (input, se.pool, classifier: 8-bit activations; classifier: 8-bit weights)"
+    )
