@@ -108,13 +108,15 @@ def test_quant_does_not_reach_train() -> None:
     assert not reached, "\n".join(chains)
 
 
-def _subpackage_edges() -> dict[tuple[str, str], list[str]]:
-    """(importer, imported) subpackage pairs, each with the import statements behind it."""
+def _edges(unit=None) -> dict[tuple[str, str], list[str]]:
+    """(importer, imported) pairs of units -- subpackages by default -- each with the import
+    statements behind it."""
+    unit = unit or _subpackage
     edges: dict[tuple[str, str], list[str]] = defaultdict(list)
     for m, found in IMPORTS.items():
-        a = _subpackage(m)
+        a = unit(m)
         for t, line in found:
-            b = _subpackage(t)
+            b = unit(t)
             if a and b and a != b:
                 edges[(a, b)].append(f"{_where(m, line)} imports {t}")
     return edges
@@ -163,7 +165,7 @@ def test_cycle_finder_finds_a_loop() -> None:
 
 
 def test_no_import_cycle_between_subpackages() -> None:
-    edges = _subpackage_edges()
+    edges = _edges()
     cycles = _cycles(SUBPACKAGES, edges)
     report = []
     for comp in cycles:
@@ -181,13 +183,7 @@ def _unit(module: str) -> str | None:
 
 
 def test_no_import_cycle_between_modules_and_subpackages() -> None:
-    edges: dict[tuple[str, str], list[str]] = defaultdict(list)
-    for m, found in IMPORTS.items():
-        a = _unit(m)
-        for t, line in found:
-            b = _unit(t)
-            if a and b and a != b:
-                edges[(a, b)].append(f"{_where(m, line)} imports {t}")
+    edges = _edges(_unit)
     units = sorted({u for m in IMPORTS for u in [_unit(m)] if u})
     cycles = _cycles(units, edges)
     report = []

@@ -62,21 +62,27 @@ def methods_for(run: RunConfig, precision: str) -> list[Method]:
     ]
 
 
+def new_sim(model, q, precision: str, *, saturate_sigmoid_inputs: bool) -> QuantSim:
+    """An uncalibrated simulation of ``model`` at ``precision``, with the per-layer overrides of
+    ``q`` (a quant section already resolved for that precision)."""
+    wb, ab = parse_precision(precision)
+    return QuantSim(
+        model,
+        weight_bits=wb,
+        act_bits=ab,
+        weight_overrides=[(o.pattern, o.weight_bits) for o in q.overrides],
+        act_overrides=[(o.pattern, o.act_bits) for o in q.overrides],
+        saturate_sigmoid_inputs=saturate_sigmoid_inputs,
+    )
+
+
 def run_method(model, q, method: Method, precision: str, cal_batches: list[torch.Tensor]):
     """The simulation of ``method`` at ``precision``, calibrated on ``cal_batches`` and through its
     passes in registry order. Returns the simulation and each pass's report by name."""
     from effdeploy.quant.registry import run_passes
 
     q = q.for_precision(precision)
-    wb, ab = parse_precision(precision)
-    sim = QuantSim(
-        model,
-        weight_bits=wb,
-        act_bits=ab,
-        weight_overrides=[(o.pattern, o.weight_bits) for o in q.overrides],
-        act_overrides=[(o.pattern, o.act_bits) for o in q.overrides],
-        saturate_sigmoid_inputs=method.saturate_sigmoid_inputs,
-    )
+    sim = new_sim(model, q, precision, saturate_sigmoid_inputs=method.saturate_sigmoid_inputs)
     sim.calibrate(cal_batches, observer=method.observer, weight_observer=method.weight_observer)
     return sim, run_passes(sim, cal_batches, q, method.passes)
 

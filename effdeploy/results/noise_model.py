@@ -86,21 +86,12 @@ def reference_rows(reports: dict[str, dict]) -> dict[tuple[str, str], tuple[str,
 def rebuild_sim(model, run, precision: str, row: dict):
     """The round-to-nearest simulation of a report row's grid: its stored activation ranges, its
     weight observer's scales (no pass is run)."""
-    from effdeploy.config import parse_precision
     from effdeploy.quant.fakequant import ActQParams
-    from effdeploy.quant.sim import QuantSim
+    from effdeploy.quant.method import new_sim
 
     q = run.quant.for_precision(precision)
-    wb, ab = parse_precision(precision)
     method = row["method"]
-    sim = QuantSim(
-        model,
-        weight_bits=wb,
-        act_bits=ab,
-        weight_overrides=[(o.pattern, o.weight_bits) for o in q.overrides],
-        act_overrides=[(o.pattern, o.act_bits) for o in q.overrides],
-        saturate_sigmoid_inputs=method.get("saturate_sigmoid_inputs", False),
-    )
+    sim = new_sim(model, q, precision, saturate_sigmoid_inputs=method.get("saturate_sigmoid_inputs", False))
     for r in row["ranges"]:
         p = sim.points[r["name"]]
         if p.fixed is not None:
