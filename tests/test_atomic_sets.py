@@ -298,7 +298,7 @@ def test_quantize_set_is_all_or_nothing(tmp_path: Path, monkeypatch: pytest.Monk
     (out / "peer_onnxruntime_w4a8.onnx").write_bytes(b"peer run 1")
     before = snapshot(out)
 
-    def interrupted(inputs, precision, stage, *, log=print):
+    def interrupted(inputs, precision, stage, *, log=print, methods=None):
         assert stage.parent == out.parent and stage != out
         (stage / "model_w8a8.onnx").write_bytes(b"w8a8 run 2")
         raise KeyboardInterrupt
@@ -310,9 +310,10 @@ def test_quantize_set_is_all_or_nothing(tmp_path: Path, monkeypatch: pytest.Monk
     assert snapshot(out) == before
     assert leftovers(tmp_path) == []
 
-    def precision_done(inputs, precision, stage, *, log=print):
+    def precision_done(inputs, precision, stage, *, log=print, methods=None):
         if precision == "w8a8":
             (stage / "model_w8a8.onnx").write_bytes(b"w8a8 run 2")
+        return qp.PrecisionResult(precision)
 
     def complete(inputs, results, stage):
         # a failing peer's message names the file it was writing: in the staging folder
@@ -321,7 +322,7 @@ def test_quantize_set_is_all_or_nothing(tmp_path: Path, monkeypatch: pytest.Monk
         return report
 
     monkeypatch.setattr(qp, "quantize_precision", precision_done)
-    monkeypatch.setattr(qp, "quantize_peers", lambda inputs, stage, *, log=print: {})
+    monkeypatch.setattr(qp, "quantize_peers", lambda inputs, stage, *, log=print, tools=None: {})
     monkeypatch.setattr(qp, "write_report", complete)
     expected = {"run": 2, "peers": [{"error": f"{out / 'peer_x_w8a8.onnx'}: quantize_static failed"}]}
     assert qp.quantize_run(RunConfig(), out) == expected  # recorded paths are where files are found

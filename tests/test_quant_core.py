@@ -14,6 +14,9 @@ from effdeploy.model.efficientnet import build_model
 from effdeploy.quant.fakequant import (
     act_qparams,
     fake_quant_act,
+    fake_quant_act_learnable,
+    fake_quant_act_learnable_composed,
+    fake_quant_act_ste,
     fake_quant_weight,
     fixed_unit_qparams,
     mse_weight_clip,
@@ -55,6 +58,41 @@ def test_fake_quant_round_trip_and_clipping() -> None:
     assert (fake_quant_act(x, qp) - x).abs().max() <= qp.scale / 2 + 1e-6
     assert fake_quant_act(torch.tensor([100.0]), qp).item() == pytest.approx(qp.hi)
     assert fake_quant_act(torch.tensor([-100.0]), qp).item() == pytest.approx(qp.lo)
+
+
+def test_ste_fake_quant_passes_gradient_inside_the_grid_only() -> None:
+    qp = act_qparams(-1.0, 3.0, 8)
+    x = torch.tensor([-5.0, -1.0, 0.3, 2.9, 3.2, 7.0], requires_grad=True)
+    y = fake_quant_act_ste(x, qp)
+    assert torch.equal(y, fake_quant_act(x.detach(), qp))
+    y.backward(torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 6.0]))
+    # scale 4/255, zero point -64: -1 maps to qmin exactly and keeps its gradient; -5, 3.2
+    # (round(204.0) - 64 = 140 > 127) and 7 clip
+    inside = [0.0, 2.0, 3.0, 4.0, 0.0, 0.0]
+    assert x.grad.tolist() == inside
+
+
+@pytest.mark.parametrize(("lo", "hi", "bits"), [(-1.0, 3.0, 8), (0.0, 6.0, 8), (-0.7, 0.2, 4), (-2.0, 5.0, 4)])
+def test_learnable_fake_quant_matches_autograd_of_the_composed_expression(lo: float, hi: float, bits: int) -> None:
+    """The fused op's forward equals the composed one bit for bit; its gradients in x, lo and hi
+    equal those autograd derives through the composed ops (round straight through, clamps' masks)."""
+    gen = torch.Generator().manual_seed(bits)
+    x0 = torch.randn(2, 3, 5, 5, generator=gen) * 3  # past both ends of every range
+    g = torch.randn(2, 3, 5, 5, generator=gen)
+    qp = act_qparams(lo, hi, bits)
+    grads = []
+    for fn in (fake_quant_act_learnable, fake_quant_act_learnable_composed):
+        x = x0.clone().requires_grad_(True)
+        lo_t, hi_t = torch.tensor(lo * 0.9, requires_grad=True), torch.tensor(hi * 1.1, requires_grad=True)
+        y = fn(x, lo_t, hi_t, qp)
+        y.backward(g)
+        grads.append((y.detach(), x.grad, lo_t.grad, hi_t.grad))
+    (y1, gx1, glo1, ghi1), (y2, gx2, glo2, ghi2) = grads
+    assert torch.equal(y1, y2)
+    assert torch.allclose(gx1, gx2, rtol=1e-6, atol=1e-7)
+    assert float(ghi2) != 0.0
+    assert float(glo1) == pytest.approx(float(glo2), rel=1e-5, abs=1e-6)
+    assert float(ghi1) == pytest.approx(float(ghi2), rel=1e-5, abs=1e-6)
 
 
 def test_fixed_sigmoid_range_is_tflite_logistic() -> None:

@@ -59,8 +59,13 @@ def sigmoid_saturation(bits: int) -> float:
 
 
 def fake_quant_act(x: torch.Tensor, qp: ActQParams) -> torch.Tensor:
-    q = torch.clamp(torch.round(x / qp.scale) + qp.zero_point, qp.qmin, qp.qmax)
-    return (q - qp.zero_point) * qp.scale
+    if x.requires_grad and torch.is_grad_enabled():
+        q = torch.clamp(torch.round(x / qp.scale) + qp.zero_point, qp.qmin, qp.qmax)
+        return (q - qp.zero_point) * qp.scale
+    # the same operations in place on one new tensor: a fresh buffer per step costs more than the
+    # arithmetic on activation-sized tensors (page faults), and the values are the same bits
+    q = torch.div(x, qp.scale).round_().add_(qp.zero_point).clamp_(qp.qmin, qp.qmax)
+    return q.sub_(qp.zero_point).mul_(qp.scale)
 
 
 def _round_ste(t: torch.Tensor) -> torch.Tensor:
@@ -68,16 +73,73 @@ def _round_ste(t: torch.Tensor) -> torch.Tensor:
     return t + (torch.round(t) - t).detach()
 
 
+class _FakeQuantSTE(torch.autograd.Function):
+    """``fake_quant_act`` on a fixed grid, with the straight-through gradient as one fused op
+    (the composed ops build a graph of eight elementwise nodes per activation point)."""
+
+    @staticmethod
+    def forward(ctx, x, scale: float, zero_point: int, qmin: int, qmax: int):
+        qu = torch.div(x, scale).round_().add_(zero_point)
+        inside = (qu >= qmin).logical_and_(qu <= qmax)
+        ctx.save_for_backward(inside)
+        return qu.clamp_(qmin, qmax).sub_(zero_point).mul_(scale)
+
+    @staticmethod
+    def backward(ctx, g):
+        (inside,) = ctx.saved_tensors
+        return torch.where(inside, g, 0.0), None, None, None, None
+
+
 def fake_quant_act_ste(x: torch.Tensor, qp: ActQParams) -> torch.Tensor:
     """``fake_quant_act`` with straight-through rounding: gradients pass to x inside the range."""
-    q = torch.clamp(_round_ste(x / qp.scale) + qp.zero_point, qp.qmin, qp.qmax)
-    return (q - qp.zero_point) * qp.scale
+    return _FakeQuantSTE.apply(x, qp.scale, qp.zero_point, qp.qmin, qp.qmax)
+
+
+class _LearnableFakeQuant(torch.autograd.Function):
+    """``fake_quant_act`` over a range [lo, hi] given as 0-d tensors, with the gradients of the
+    composed LSQ+ expression (straight-through rounding of the input and of the zero point, the
+    clamps' masks) written out, so that each activation point is one node of the graph, not twenty.
+    ``tests/test_fakequant.py`` checks them against autograd through the composed expression."""
+
+    @staticmethod
+    def forward(ctx, x, lo, hi, qmin: int, qmax: int):
+        scale = (hi - lo) / (qmax - qmin)
+        z_round = torch.round(qmin - lo / scale)
+        zero_point = z_round.clamp(qmin, qmax)
+        qu = torch.div(x, scale).round_().add_(zero_point)
+        inside = (qu >= qmin).logical_and_(qu <= qmax)
+        q = qu.clamp_(qmin, qmax)
+        ctx.save_for_backward(x, q, inside, lo, scale, zero_point, z_round)
+        ctx.qrange = (qmin, qmax)
+        return (q - zero_point).mul_(scale)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, q, inside, lo, scale, zero_point, z_round = ctx.saved_tensors
+        qmin, qmax = ctx.qrange
+        g_q = torch.where(inside, g, 0.0)  # d out / d q = scale, d q / d (x / scale) = 1 inside
+        g_x = g_q
+        # out = (q - z) s with q = round(x / s) + z inside the grid, and q clamped outside it
+        g_scale = (g * (q - zero_point)).sum() - (g_q * x).sum() / scale
+        g_zero = (g_q - g).sum() * scale
+        if qmin <= float(z_round) <= qmax:  # z = round(qmin - lo / s), straight through
+            g_scale = g_scale + g_zero * lo / (scale * scale)
+            g_lo_direct = -g_zero / scale
+        else:
+            g_lo_direct = torch.zeros_like(lo)
+        n = qmax - qmin
+        return g_x, g_lo_direct - g_scale / n, g_scale / n, None, None
 
 
 def fake_quant_act_learnable(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, qp: ActQParams) -> torch.Tensor:
     """``fake_quant_act`` over a range [lo, hi] given as tensors, differentiable in x, lo and hi
     (LSQ+: straight-through rounding; the clamp passes the range's gradient to the clipped values).
     The forward values equal ``fake_quant_act(x, act_qparams(lo, hi, bits))``."""
+    return _LearnableFakeQuant.apply(x, lo, hi, qp.qmin, qp.qmax)
+
+
+def fake_quant_act_learnable_composed(x, lo, hi, qp: ActQParams) -> torch.Tensor:
+    """The same as composed autograd ops: the reference the fused gradients are tested against."""
     scale = (hi - lo) / (qp.qmax - qp.qmin)
     zero_point = torch.clamp(_round_ste(qp.qmin - lo / scale), qp.qmin, qp.qmax)
     q = torch.clamp(_round_ste(x / scale) + zero_point, qp.qmin, qp.qmax)

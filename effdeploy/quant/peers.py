@@ -142,15 +142,17 @@ def run_peers(
     log=print,
     outputs: dict[str, np.ndarray] | None = None,
     work: PeerWork | None = None,
+    tools: tuple[str, ...] | None = None,
 ) -> list[dict]:
     """Quantize ``model`` with every peer for this precision and measure each on ``held_x``
     (each peer's per-image logits go to ``outputs`` as ``{precision}.peer.{name}``). ``work`` holds
     what the peers share across precisions (``PeerWork``); pass the same one for every precision
-    of one model to export and calibrate once (default: a fresh one for this call)."""
+    of one model to export and calibrate once (default: a fresh one for this call). ``tools``
+    keeps only the peers of those tools (default: all)."""
     from effdeploy.runtime import load_backend
     from effdeploy.runtime.base import run_batched
 
-    peers = peers_for(weight_bits, act_bits)
+    peers = [p for p in peers_for(weight_bits, act_bits) if tools is None or p.tool in tools]
     if not peers:
         return []
     folded = _folded_float(model)

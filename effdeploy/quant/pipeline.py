@@ -10,9 +10,10 @@
 - **peers** (``quant.peers``): the tools users would otherwise pick, same model and images;
 - **report**: ``report.json``, per-image logits (``outputs.npz``) and the SNR-per-block plot.
 
-Precisions are independent of each other, and of the peers: with ``jobs`` > 1 each precision,
-and each run's peers (all precisions in one task, so their float graphs are exported once), runs
-in a pool of processes shared by all runs, longest task first. Every stage computes with one
+Precisions are independent of each other, and of the peers, and the baseline of ours: with
+``jobs`` > 1 each method of each precision, and each peer tool of each run (all precisions in one
+task, so that its float graph is exported and calibrated once), runs in a pool of processes
+shared by all runs, longest task first (``run_tasks``). Every stage computes with one
 intra-op thread, in each process: a float sum's rounding depends on how threads split it, and the
 learning passes amplify that, so pinning is what makes the artifacts and reports the same
 whatever the machine's core count.
@@ -192,14 +193,17 @@ class _Stage:
             self.log(f"    {self.label} ({wall:.0f} s, CPU {cpu:.0f} s)")
 
 
-def quantize_precision(inputs: QuantInputs, precision: str, out_dir: Path, *, log=print) -> PrecisionResult:
-    """Every stage of one precision but the peers (``quantize_peers``); runtime artifacts are
-    written into ``out_dir``."""
+def quantize_precision(
+    inputs: QuantInputs, precision: str, out_dir: Path, *, log=print, methods: tuple[str, ...] | None = None
+) -> PrecisionResult:
+    """Every stage of one precision but the peers (``quantize_peers``), for each method (or those
+    named in ``methods``); runtime artifacts are written into ``out_dir``."""
     run, q = inputs.run, inputs.run.quant
-    wb, ab = parse_precision(precision)
     result = PrecisionResult(precision)
     cal_batches, snr_batches = inputs.cal_batches(), inputs.snr_batches()
     for method in methods_for(run, precision):
+        if methods is not None and method.name not in methods:
+            continue
         t0 = time.perf_counter()
         passes = " + ".join(("observers", *method.passes))
         with _Stage(log, f"{precision} {method.name}: calibrate ({passes})"):
@@ -252,10 +256,12 @@ def quantize_precision(inputs: QuantInputs, precision: str, out_dir: Path, *, lo
     return result
 
 
-def quantize_peers(inputs: QuantInputs, out_dir: Path, *, log=print) -> dict[str, PrecisionResult]:
-    """The peers stage of every precision of a run, as one task: the peers' BN-folded float graphs
-    (ONNX for onnxruntime, TFLite for ai-edge-quantizer) are exported, and each tool calibrates, once
-    for all precisions.
+def quantize_peers(
+    inputs: QuantInputs, out_dir: Path, *, log=print, tools: tuple[str, ...] | None = None
+) -> dict[str, PrecisionResult]:
+    """The peers stage of every precision of a run (of the peer tools named in ``tools``, default
+    all): each tool's BN-folded float graph (ONNX for onnxruntime, TFLite for ai-edge-quantizer) is
+    exported, and the tool calibrates, once for all precisions.
     Returns, per precision, a result holding only its peers' rows and per-image logits."""
     import tempfile
 
@@ -267,7 +273,7 @@ def quantize_peers(inputs: QuantInputs, out_dir: Path, *, log=print) -> dict[str
         for precision in inputs.run.quant.precisions:
             wb, ab = parse_precision(precision)
             result = results[precision] = PrecisionResult(precision)
-            with _Stage(log, f"{precision} peers"):
+            with _Stage(log, f"{precision} peers" + (f" ({', '.join(tools)})" if tools else "")):
                 result.peers = run_peers(
                     inputs.model,
                     inputs.cal_x,
@@ -280,6 +286,7 @@ def quantize_peers(inputs: QuantInputs, out_dir: Path, *, log=print) -> dict[str
                     log=log,
                     outputs=result.outputs,
                     work=work,
+                    tools=tools,
                 )
     return results
 
@@ -407,28 +414,41 @@ def quantize_runs(runs: list[tuple[RunConfig, Path]], *, log=print, jobs: int = 
     with contextlib.ExitStack() as stack, pinned_threads():
         stages = [stack.enter_context(staged_dir(out, owns=owns, last="report.json")) for _, out in runs]
         inputs = [load_inputs(run, log=log) for run, _ in runs]
-        # a task is one precision of one run (ours), or the peers of all of a run's precisions
-        tasks = [(i, p) for i, (run, _) in enumerate(runs) for p in run.quant.precisions]
-        tasks += [(i, PEERS) for i, (run, _) in enumerate(runs) if run.quant.peers]
+        tasks = [(i, t) for i, (run, _) in enumerate(runs) for t in run_tasks(run)]
         costs = {t: task_cost(runs[t[0]][0], t[1]) for t in tasks}
         tag = (lambda i: f"[{runs[i][0].name}] ") if len(runs) > 1 else (lambda i: "")
         done = _run_tasks(inputs, tasks, costs, stages, jobs, tag, log)
-        for i, p in list(done):
-            if p == PEERS:
-                for precision, peers in done.pop((i, p)).items():
-                    done[(i, precision)].peers = peers.peers
-                    done[(i, precision)].outputs.update(peers.outputs)
+        merged = {(i, p): PrecisionResult(p) for i, (run, _) in enumerate(runs) for p in run.quant.precisions}
+        for i, task in tasks:  # in run_tasks' order: the baseline, ours, then the peers, tool by tool
+            parts = done[(i, task)]
+            for part in parts.values() if isinstance(parts, dict) else [parts]:
+                into = merged[(i, part.precision)]
+                into.rows += part.rows
+                into.peers += part.peers
+                into.outputs.update(part.outputs)
         reports = []
         for i, (_, out_dir) in enumerate(runs):
-            ordered = [done[(i, p)] for p in runs[i][0].quant.precisions]
+            ordered = [merged[(i, p)] for p in runs[i][0].quant.precisions]
             report = write_report(inputs[i], ordered, stages[i])
             relocate_json_file(stages[i] / "report.json", stages[i], Path(out_dir))  # paths as they will be found
             reports.append(relocate(report, stages[i], Path(out_dir)))
     return reports
 
 
-#: the task name of a run's peers stage (all its precisions), beside the precisions' own tasks
+#: the task name prefix of a run's peers stage (all its precisions), one task per peer tool
 PEERS = "peers"
+PEER_TOOLS = ("onnxruntime", "ai-edge-quantizer")
+
+
+def run_tasks(run: RunConfig) -> list[str]:
+    """A run's independent tasks, in report order: per precision the baseline
+    (``"w8a8:minmax"``) and ours (``"w8a8:ours"``), then per peer tool all precisions' peers
+    (``"peers:onnxruntime"``). Small tasks let a pool of processes finish together."""
+    names = [m.name for m in methods_for(run, run.quant.precisions[0])] if run.quant.precisions else []
+    tasks = [f"{p}:{m}" for p in run.quant.precisions for m in names]
+    if run.quant.peers:
+        tasks += [f"{PEERS}:{tool}" for tool in PEER_TOOLS]
+    return tasks
 
 
 def task_cost(run: RunConfig, task: str) -> float:
@@ -436,25 +456,29 @@ def task_cost(run: RunConfig, task: str) -> float:
     longest tasks first so that the pool's processes finish together (it changes no result)."""
     from effdeploy.quant.registry import enabled_passes
 
+    head, part = task.split(":")
     q = run.quant
-    if task == PEERS:
-        return 60.0 * len(q.precisions)
-    q = q.for_precision(task)
-    passes = enabled_passes(q, parse_precision(task)[0])
+    if head == PEERS:
+        return (30.0 + 40.0 * len(q.precisions)) if part == "onnxruntime" else (40.0 + 10.0 * len(q.precisions))
+    if part == "minmax":
+        return 12.0
+    q = q.for_precision(head)
+    passes = enabled_passes(q, parse_precision(head)[0])
     per_pass = {
         "range_search": 300.0,
-        "learn_ranges": 0.4 * q.learn_ranges_steps,
-        "adaround": 0.25 * q.adaround_iters,
+        "learn_ranges": 0.3 * q.learn_ranges_steps,
+        "adaround": 0.22 * q.adaround_iters,
         "block_reconstruction": 1.0 * q.block_reconstruction_iters,
-        "bias_correction": 30.0,
+        "bias_correction": 6.0,
     }
-    return 60.0 + sum(per_pass.get(name, 30.0) for name in passes)
+    return 40.0 + sum(per_pass.get(name, 30.0) for name in passes)
 
 
 def _run_task(inputs: QuantInputs, task: str, out_dir: Path, log):
-    if task == PEERS:
-        return quantize_peers(inputs, out_dir, log=log)
-    return quantize_precision(inputs, task, out_dir, log=log)
+    head, part = task.split(":")
+    if head == PEERS:
+        return quantize_peers(inputs, out_dir, log=log, tools=(part,))
+    return quantize_precision(inputs, head, out_dir, log=log, methods=(part,))
 
 
 def _run_tasks(inputs, tasks, costs, stages, jobs: int, tag: Callable[[int], str], log) -> dict:
@@ -466,7 +490,7 @@ def _run_tasks(inputs, tasks, costs, stages, jobs: int, tag: Callable[[int], str
     from concurrent.futures import ProcessPoolExecutor
 
     workers = min(jobs, len(tasks))
-    log(f"quantizing: {len(tasks)} tasks (precisions and peers) in {workers} processes, {THREADS} thread each")
+    log(f"quantizing: {len(tasks)} tasks (methods and peer tools) in {workers} processes, {THREADS} thread each")
     # spawn: a forked copy of a process that has used torch's thread pool can hang in OpenMP
     ctx = mp.get_context("spawn")
     verbose = os.environ.get("EFFDEPLOY_VERBOSE", "") == "1"
