@@ -20,7 +20,17 @@ from effdeploy.errors import EffdeployError
 from effdeploy.metrics import snr_db
 from effdeploy.model.checkpoints import load_checkpoint, save_checkpoint
 from effdeploy.model.efficientnet import build_model
-from effdeploy.quant.mixed_precision import Budget, Chain, LayerWidths, choose, layer_pattern, search, write_overlay
+from effdeploy.quant.mixed_precision import (
+    Budget,
+    Chain,
+    LayerWidths,
+    Point,
+    choose,
+    layer_pattern,
+    search,
+    wider_than,
+    write_overlay,
+)
 from effdeploy.quant.pipeline import _batches, methods_for, run_method, weight_bytes
 from effdeploy.quant.sim import QuantSim
 
@@ -299,3 +309,18 @@ def test_precision_must_match_candidates(run: RunConfig) -> None:
         search(run, Budget.parse("bits=6"), precision="w4a8", log=lambda m: None)
     with pytest.raises(EffdeployError, match=r"^--candidates: "):
         search(run, Budget.parse("bits=6"), candidates=(8, 1), log=lambda m: None)
+
+
+def test_wider_than_puts_each_layer_at_its_width_on_a_narrower_base() -> None:
+    from effdeploy.quant.sim import resolve_bits
+
+    bits = {"stem.conv": 8, "blocks.block1a.dw.conv": 4, "blocks.block2a.expand.conv": 6, "classifier": 8}
+    point = Point(3, "x", bits, 0, 0.0, 0.0, 0.0)
+    overrides = wider_than(point, base_bits=4)
+    assert overrides == [
+        {"pattern": r"^(classifier|stem\.conv)$", "weight_bits": 8},
+        {"pattern": r"^(blocks\.block2a\.expand\.conv)$", "weight_bits": 6},
+    ]
+    rules = [(o["pattern"], o["weight_bits"]) for o in overrides]
+    assert {n: resolve_bits(n, 4, rules) for n in bits} == bits
+    assert resolve_bits("blocks.block2a.expand.conv2", 4, rules) == 4  # anchored: no prefix match

@@ -8,14 +8,46 @@ import pytest
 import torch
 from test_quant_core import _trained_like
 
-from effdeploy.quant.peers import peers_for, run_peers
+from effdeploy.quant.peers import equal_batch, peers_for, run_peers
 
 
 def test_peers_for_precisions() -> None:
     names = [p.name for p in peers_for(8, 8)]
-    assert names == ["ort-minmax", "ort-minmax-default-session", "ort-percentile", "ort-entropy", "aeq-static"]
+    assert names == ["ort-minmax", "ort-minmax-default-session", "ort-percentile", "aeq-static"]
     assert [p.name for p in peers_for(4, 8)] == names
     assert peers_for(4, 4) == [] and peers_for(6, 8) == []  # no peer expresses these
+
+
+def test_equal_batches_split_the_calibration_set_evenly() -> None:
+    assert equal_batch(512) == 32 and equal_batch(100) == 25 and equal_batch(16) == 16
+    assert equal_batch(97) == 1  # a prime: one image at a time rather than a short last batch
+
+
+@pytest.mark.slow
+def test_onnxruntime_entropy_defaults_give_minmax_ranges(tiny_config: dict, tmp_path) -> None:
+    """Why no Entropy peer runs: with quantize_static's defaults (128 bins, 128 quantized bins)
+    onnxruntime's KL search has one candidate, the whole histogram, so every range is MinMax's."""
+    from onnxruntime.quantization import CalibrationMethod
+    from onnxruntime.quantization.calibrate import create_calibrator
+
+    from effdeploy.export.onnx import torch_to_onnx
+    from effdeploy.quant.peers import _folded_float, _Reader
+
+    model = _folded_float(_trained_like(tiny_config))
+    float_path = tmp_path / "float.onnx"
+    torch_to_onnx(model, float_path, opset=21, resolution=model.config.resolution, name="tiny")
+    cal = torch.randn(32, 3, 32, 32).numpy()
+    ranges = {}
+    for method in ("MinMax", "Entropy"):
+        calibrator = create_calibrator(
+            float_path, augmented_model_path=tmp_path / f"aug_{method}.onnx", calibrate_method=CalibrationMethod[method]
+        )
+        calibrator.collect_data(_Reader(cal, "images"))
+        ranges[method] = {
+            k: tuple(np.asarray(v.range_value).ravel().tolist()) for k, v in calibrator.compute_data().data.items()
+        }
+    assert len(ranges["MinMax"]) > 20
+    assert ranges["Entropy"] == ranges["MinMax"]
 
 
 @pytest.mark.slow
@@ -72,7 +104,6 @@ def test_peers_calibrate_once_per_model(tiny_config: dict, tmp_path) -> None:
     shared = PeerWork(tmp_path / "w")
     run_peers(*args, 8, 8, tmp_path / "shared", log=lambda m: None, work=shared)
     assert sorted(p.name for p in (tmp_path / "w").glob("ort_ranges_*.json")) == [
-        "ort_ranges_Entropy.json",
         "ort_ranges_MinMax.json",
         "ort_ranges_Percentile.json",
     ]

@@ -143,7 +143,6 @@ def test_quantize_with_tflite_and_peers(run: RunConfig, tmp_path: Path) -> None:
         "ort-minmax",
         "ort-minmax-default-session",
         "ort-percentile",
-        "ort-entropy",
         "aeq-static",
     ]
     # a peer that fails (onnxruntime's Percentile cannot histogram this random net's constant

@@ -439,6 +439,19 @@ def chosen_overrides(existing: list[dict], chosen: Point, searched: list[str]) -
     return [*existing, *({"pattern": layer_pattern(n), "weight_bits": chosen.bits[n]} for n in searched)]
 
 
+def wider_than(point: Point, base_bits: int) -> list[dict]:
+    """``quant.overrides`` that put a point's widths on a simulation whose base weight width is
+    ``base_bits``: one anchored alternation per width wider than the base (the narrower layers
+    need none), widest first. Short enough to read in a validation table; ``resolve_bits`` keeps
+    the last match, and no layer matches two of these."""
+    widths = sorted({b for b in point.bits.values() if b > base_bits}, reverse=True)
+    out = []
+    for w in widths:
+        names = sorted(n for n, b in point.bits.items() if b == w)
+        out.append({"pattern": "^(" + "|".join(re.escape(n) for n in names) + ")$", "weight_bits": w})
+    return out
+
+
 def search_sim(
     sim: QuantSim,
     budget: Budget,
