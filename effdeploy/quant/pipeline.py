@@ -413,11 +413,13 @@ def quantize_runs(runs: list[tuple[RunConfig, Path]], *, log=print, jobs: int = 
     owns = lambda name: QUANT_SET.fullmatch(name) is not None  # noqa: E731
     with contextlib.ExitStack() as stack, pinned_threads():
         stages = [stack.enter_context(staged_dir(out, owns=owns, last="report.json")) for _, out in runs]
-        inputs = [load_inputs(run, log=log) for run, _ in runs]
         tasks = [(i, t) for i, (run, _) in enumerate(runs) for t in run_tasks(run)]
         costs = {t: task_cost(runs[t[0]][0], t[1]) for t in tasks}
         tag = (lambda i: f"[{runs[i][0].name}] ") if len(runs) > 1 else (lambda i: "")
-        done = _run_tasks(inputs, tasks, costs, stages, jobs, tag, log)
+        # the workers start (and import the libraries) while this process loads the inputs
+        pool = stack.enter_context(_pool(jobs, len(tasks)))
+        inputs = [load_inputs(run, log=log) for run, _ in runs]
+        done = _run_tasks(inputs, tasks, costs, stages, pool, tag, log)
         merged = {(i, p): PrecisionResult(p) for i, (run, _) in enumerate(runs) for p in run.quant.precisions}
         for i, task in tasks:  # in run_tasks' order: the baseline, ours, then the peers, tool by tool
             parts = done[(i, task)]
@@ -481,25 +483,57 @@ def _run_task(inputs: QuantInputs, task: str, out_dir: Path, log):
     return quantize_precision(inputs, head, out_dir, log=log, methods=(part,))
 
 
-def _run_tasks(inputs, tasks, costs, stages, jobs: int, tag: Callable[[int], str], log) -> dict:
-    order = sorted(tasks, key=lambda t: -costs[t])  # longest first (stable: config order on ties)
-    if jobs <= 1 or len(tasks) <= 1:
-        return {(i, t): _run_task(inputs[i], t, stages[i], _tagged(log, tag(i))) for i, t in order}
+@contextlib.contextmanager
+def _pool(jobs: int, n_tasks: int) -> Iterator:
+    """A pool of ``min(jobs, n_tasks)`` worker processes, already starting (None for one job);
+    on exit, a failure stops the tasks that have not started."""
+    if jobs <= 1 or n_tasks <= 1:
+        yield None
+        return
     import multiprocessing as mp
     import os
     from concurrent.futures import ProcessPoolExecutor
 
-    workers = min(jobs, len(tasks))
-    log(f"quantizing: {len(tasks)} tasks (methods and peer tools) in {workers} processes, {THREADS} thread each")
+    workers = min(jobs, n_tasks)
     # spawn: a forked copy of a process that has used torch's thread pool can hang in OpenMP
     ctx = mp.get_context("spawn")
     verbose = os.environ.get("EFFDEPLOY_VERBOSE", "") == "1"
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker, initargs=(verbose,))
+    pool.workers = workers
     try:
-        futures = {(i, t): pool.submit(_worker, inputs[i], t, stages[i], tag(i)) for i, t in order}
-        return {key: fut.result() for key, fut in futures.items()}
+        for _ in range(workers):
+            pool.submit(_warm_up)
+        yield pool
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)  # a failure stops what has not started
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _warm_up() -> None:
+    """Import the libraries every worker's tasks load (the exporters, quantizers and runtimes),
+    while the parent process loads the inputs and the worker would wait for its first task."""
+    import importlib
+
+    for name in (
+        "effdeploy.quant.passes",
+        "effdeploy.quant.verify",
+        "effdeploy.quant.emit_tflite",
+        "onnx",
+        "onnxruntime",
+        "ai_edge_litert.interpreter",
+        "ai_edge_quantizer.quantizer",
+        "litert_torch",
+    ):
+        with contextlib.suppress(ImportError):  # a missing optional library is the task's to report
+            importlib.import_module(name)
+
+
+def _run_tasks(inputs, tasks, costs, stages, pool, tag: Callable[[int], str], log) -> dict:
+    order = sorted(tasks, key=lambda t: -costs[t])  # longest first (stable: config order on ties)
+    if pool is None:
+        return {(i, t): _run_task(inputs[i], t, stages[i], _tagged(log, tag(i))) for i, t in order}
+    log(f"quantizing: {len(tasks)} tasks (methods and peer tools) in {pool.workers} processes, {THREADS} thread each")
+    futures = {(i, t): pool.submit(_worker, inputs[i], t, stages[i], tag(i)) for i, t in order}
+    return {key: fut.result() for key, fut in futures.items()}
 
 
 def _tagged(log, prefix: str):
