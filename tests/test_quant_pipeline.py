@@ -149,7 +149,7 @@ def test_quantize_with_tflite_and_peers(run: RunConfig, tmp_path: Path) -> None:
     # tensors) is reported with its one-line error, not dropped and not fatal
     for p in report["peers"]:
         assert (out / p["file"]).is_file() if "error" not in p else p["error"].startswith(str(out))
-    assert sum("error" not in p for p in report["peers"]) >= 4
+    assert [p["peer"] for p in report["peers"] if "error" in p] in ([], ["ort-percentile"])
 
 
 def test_quantize_learned_ranges_are_the_ones_reported(run: RunConfig, tmp_path: Path) -> None:
