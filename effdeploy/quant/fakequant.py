@@ -73,16 +73,23 @@ def _round_ste(t: torch.Tensor) -> torch.Tensor:
     return t + (torch.round(t) - t).detach()
 
 
+def _on_grid(x: torch.Tensor, scale, zero_point, qmin: int, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``round(x / scale) + zero_point`` clamped to [qmin, qmax] (computed in place on one new
+    tensor), and the mask of the values that were inside the grid before clamping."""
+    qu = torch.div(x, scale).round_().add_(zero_point)
+    inside = (qu >= qmin).logical_and_(qu <= qmax)
+    return qu.clamp_(qmin, qmax), inside
+
+
 class _FakeQuantSTE(torch.autograd.Function):
     """``fake_quant_act`` on a fixed grid, with the straight-through gradient as one fused op
     (the composed ops build a graph of eight elementwise nodes per activation point)."""
 
     @staticmethod
     def forward(ctx, x, scale: float, zero_point: int, qmin: int, qmax: int):
-        qu = torch.div(x, scale).round_().add_(zero_point)
-        inside = (qu >= qmin).logical_and_(qu <= qmax)
+        q, inside = _on_grid(x, scale, zero_point, qmin, qmax)
         ctx.save_for_backward(inside)
-        return qu.clamp_(qmin, qmax).sub_(zero_point).mul_(scale)
+        return q.sub_(zero_point).mul_(scale)
 
     @staticmethod
     def backward(ctx, g):
@@ -99,16 +106,14 @@ class _LearnableFakeQuant(torch.autograd.Function):
     """``fake_quant_act`` over a range [lo, hi] given as 0-d tensors, with the gradients of the
     composed LSQ+ expression (straight-through rounding of the input and of the zero point, the
     clamps' masks) written out, so that each activation point is one node of the graph, not twenty.
-    ``tests/test_fakequant.py`` checks them against autograd through the composed expression."""
+    ``tests/test_quant_core.py`` checks them against autograd through the composed expression."""
 
     @staticmethod
     def forward(ctx, x, lo, hi, qmin: int, qmax: int):
         scale = (hi - lo) / (qmax - qmin)
         z_round = torch.round(qmin - lo / scale)
         zero_point = z_round.clamp(qmin, qmax)
-        qu = torch.div(x, scale).round_().add_(zero_point)
-        inside = (qu >= qmin).logical_and_(qu <= qmax)
-        q = qu.clamp_(qmin, qmax)
+        q, inside = _on_grid(x, scale, zero_point, qmin, qmax)
         ctx.save_for_backward(x, q, inside, lo, scale, zero_point, z_round)
         ctx.qrange = (qmin, qmax)
         return (q - zero_point).mul_(scale)
@@ -117,8 +122,7 @@ class _LearnableFakeQuant(torch.autograd.Function):
     def backward(ctx, g):
         x, q, inside, lo, scale, zero_point, z_round = ctx.saved_tensors
         qmin, qmax = ctx.qrange
-        g_q = torch.where(inside, g, 0.0)  # d out / d q = scale, d q / d (x / scale) = 1 inside
-        g_x = g_q
+        g_q = torch.where(inside, g, 0.0)  # d out / d q = scale, d q / d (x / scale) = 1 inside: g_x
         # out = (q - z) s with q = round(x / s) + z inside the grid, and q clamped outside it
         g_scale = (g * (q - zero_point)).sum() - (g_q * x).sum() / scale
         g_zero = (g_q - g).sum() * scale
@@ -128,7 +132,7 @@ class _LearnableFakeQuant(torch.autograd.Function):
         else:
             g_lo_direct = torch.zeros_like(lo)
         n = qmax - qmin
-        return g_x, g_lo_direct - g_scale / n, g_scale / n, None, None
+        return g_q, g_lo_direct - g_scale / n, g_scale / n, None, None
 
 
 def fake_quant_act_learnable(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, qp: ActQParams) -> torch.Tensor:

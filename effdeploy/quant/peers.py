@@ -29,6 +29,9 @@ import torch
 from effdeploy.errors import EffdeployError
 from effdeploy.metrics import snr_db, top1_agreement, topk_accuracy
 
+#: the peer tools, each one task of ``effdeploy quantize`` (``Peer.tool``)
+TOOLS = ("onnxruntime", "ai-edge-quantizer")
+
 
 @dataclass(frozen=True)
 class Peer:

@@ -417,9 +417,9 @@ def quantize_runs(runs: list[tuple[RunConfig, Path]], *, log=print, jobs: int = 
         costs = {t: task_cost(runs[t[0]][0], t[1]) for t in tasks}
         tag = (lambda i: f"[{runs[i][0].name}] ") if len(runs) > 1 else (lambda i: "")
         # the workers start (and import the libraries) while this process loads the inputs
-        pool = stack.enter_context(_pool(jobs, len(tasks)))
+        pooled = stack.enter_context(_pool(jobs, len(tasks)))
         inputs = [load_inputs(run, log=log) for run, _ in runs]
-        done = _run_tasks(inputs, tasks, costs, stages, pool, tag, log)
+        done = _run_tasks(inputs, tasks, costs, stages, pooled, tag, log)
         merged = {(i, p): PrecisionResult(p) for i, (run, _) in enumerate(runs) for p in run.quant.precisions}
         for i, task in tasks:  # in run_tasks' order: the baseline, ours, then the peers, tool by tool
             parts = done[(i, task)]
@@ -439,7 +439,6 @@ def quantize_runs(runs: list[tuple[RunConfig, Path]], *, log=print, jobs: int = 
 
 #: the task name prefix of a run's peers stage (all its precisions), one task per peer tool
 PEERS = "peers"
-PEER_TOOLS = ("onnxruntime", "ai-edge-quantizer")
 
 
 def run_tasks(run: RunConfig) -> list[str]:
@@ -449,7 +448,9 @@ def run_tasks(run: RunConfig) -> list[str]:
     names = [m.name for m in methods_for(run, run.quant.precisions[0])] if run.quant.precisions else []
     tasks = [f"{p}:{m}" for p in run.quant.precisions for m in names]
     if run.quant.peers:
-        tasks += [f"{PEERS}:{tool}" for tool in PEER_TOOLS]
+        from effdeploy.quant.peers import TOOLS
+
+        tasks += [f"{PEERS}:{tool}" for tool in TOOLS]
     return tasks
 
 
@@ -485,8 +486,8 @@ def _run_task(inputs: QuantInputs, task: str, out_dir: Path, log):
 
 @contextlib.contextmanager
 def _pool(jobs: int, n_tasks: int) -> Iterator:
-    """A pool of ``min(jobs, n_tasks)`` worker processes, already starting (None for one job);
-    on exit, a failure stops the tasks that have not started."""
+    """A pool of ``min(jobs, n_tasks)`` worker processes, already starting, and that number
+    (None for one job); on exit, a failure stops the tasks that have not started."""
     if jobs <= 1 or n_tasks <= 1:
         yield None
         return
@@ -499,11 +500,10 @@ def _pool(jobs: int, n_tasks: int) -> Iterator:
     ctx = mp.get_context("spawn")
     verbose = os.environ.get("EFFDEPLOY_VERBOSE", "") == "1"
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker, initargs=(verbose,))
-    pool.workers = workers
     try:
         for _ in range(workers):
             pool.submit(_warm_up)
-        yield pool
+        yield pool, workers
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 
@@ -527,11 +527,12 @@ def _warm_up() -> None:
             importlib.import_module(name)
 
 
-def _run_tasks(inputs, tasks, costs, stages, pool, tag: Callable[[int], str], log) -> dict:
+def _run_tasks(inputs, tasks, costs, stages, pooled, tag: Callable[[int], str], log) -> dict:
     order = sorted(tasks, key=lambda t: -costs[t])  # longest first (stable: config order on ties)
-    if pool is None:
+    if pooled is None:
         return {(i, t): _run_task(inputs[i], t, stages[i], _tagged(log, tag(i))) for i, t in order}
-    log(f"quantizing: {len(tasks)} tasks (methods and peer tools) in {pool.workers} processes, {THREADS} thread each")
+    pool, workers = pooled
+    log(f"quantizing: {len(tasks)} tasks (methods and peer tools) in {workers} processes, {THREADS} thread each")
     futures = {(i, t): pool.submit(_worker, inputs[i], t, stages[i], tag(i)) for i, t in order}
     return {key: fut.result() for key, fut in futures.items()}
 
