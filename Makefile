@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test test-fast lint export quantize quantize-lite0 bench bench-lite0 train replicates reference-results profile compare clean
+.PHONY: venv test test-fast lint export quantize quantize-lite0 bench bench-lite0 bench-b0 train replicates reference-results profile compare clean
 
 # torch is pinned in the same install: its CPU build lies on this machine's disk, while an
 # unpinned torch (pulled in by a dependency) would fetch a multi-GB CUDA build.
@@ -112,6 +112,17 @@ bench-lite0: $(MODELS)/imagenet_lite0/model.safetensors
 	  --precisions w8a8 --adaround off
 	$(BIN)/effdeploy bench --config configs/imagenet_lite0.yaml --images 100 --runs 100 --repeats 2 \
 	  --out benchmarks/results/bench/imagenet_lite0 $(BENCH_ARGS)
+
+# EfficientNet-B0 at 224 px, int8 against float: no trained B0 weights ship here, so random weights
+# with BatchNorm statistics from the ImageNet samples (benchmarks/random_b0.py): latency and size only.
+runs/imagenet_b0_random/model.safetensors: | $(STAMP)
+	$(BIN)/python benchmarks/random_b0.py --out $@
+
+bench-b0: runs/imagenet_b0_random/model.safetensors
+	[ -f artifacts/imagenet_b0_random/model.onnx ] || $(BIN)/effdeploy export --config configs/imagenet_b0_random.yaml
+	[ -f artifacts/imagenet_b0_random/model_w8a8.onnx ] || $(BIN)/effdeploy quantize --config configs/imagenet_b0_random.yaml
+	$(BIN)/effdeploy bench --config configs/imagenet_b0_random.yaml --images 100 --runs 100 --repeats 2 \
+	  --out benchmarks/results/bench/imagenet_b0_random $(BENCH_ARGS)
 
 # ---- EfficientNet-Lite0 with real ImageNet weights (imported from the registry package) -------
 $(MODELS)/imagenet_lite0/model.safetensors: | $(STAMP)
