@@ -378,3 +378,25 @@ def test_shipped_study_config_is_valid(repo_root):
     assert twins == {f"before_reorder_s{s}": f"after_s{s}" for s in range(3)}
     for m in cfg.models:
         assert (repo_root / m.config).is_file(), m.config
+
+
+def test_unequal_seed_counts_quote_the_shared_seeds_own_difference() -> None:
+    """Three seeds against one: the interval judged is seed 0's paired one, and the words give that
+    seed's own difference beside it (the seed means differ by something else)."""
+    from effdeploy.study.compare import _noise
+
+    pair = {
+        "top1": {"a": [0.80, 0.81, 0.82], "b": [0.70], "difference": 0.11, "ci": None},
+        "per_seed": [
+            {
+                "seed": 0,
+                "difference": {"estimate": 0.2714, "low": 0.2568, "high": 0.2864},
+                "mcnemar": {"p_exact": 1e-9},
+            }
+        ],
+    }
+    words, beyond = _noise(pair, 0.95)
+    assert words.startswith("judged on seed 0, the only one both have: +27.14 points, 95% CI +25.68 to +28.64")
+    assert "one seed each" not in words and beyond is True
+    pair["top1"]["a"] = [0.80]  # one seed each: the seed's difference is the headline one
+    assert _noise(pair, 0.95)[0].startswith("one seed each: 95% CI +25.68 to +28.64")

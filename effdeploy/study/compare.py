@@ -412,8 +412,13 @@ def _noise(pair: dict, level: float) -> tuple[str, bool | None]:
     if len(pair["per_seed"]) == 1:
         ps = pair["per_seed"][0]
         d, mc = ps["difference"], ps["mcnemar"]
+        if len(pair["top1"]["a"]) == len(pair["top1"]["b"]) == 1:
+            scope = "one seed each:"
+        else:
+            # the means above are over unequal seed counts; the interval is the shared seed's alone
+            scope = f"judged on seed {ps['seed']}, the only one both have: {_pts(d['estimate'])} points,"
         words = (
-            f"one seed each: {pct} CI {_pts(d['low'])} to {_pts(d['high'])} over test images only, "
+            f"{scope} {pct} CI {_pts(d['low'])} to {_pts(d['high'])} over test images only, "
             f"McNemar p = {mc['p_exact']:.3g}; training-seed noise not measured"
         )
         return words, d["low"] > 0 or d["high"] < 0
