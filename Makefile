@@ -119,10 +119,8 @@ runs/imagenet_b0_random/model.safetensors: | $(STAMP)
 	$(BIN)/python benchmarks/random_b0.py --out $@
 
 bench-b0: runs/imagenet_b0_random/model.safetensors
-	[ -f artifacts/imagenet_b0_random/model.onnx ] || $(BIN)/effdeploy export --config configs/imagenet_b0_random.yaml
-	[ -f artifacts/imagenet_b0_random/model_w8a8.onnx ] || $(BIN)/effdeploy quantize --config configs/imagenet_b0_random.yaml
-	$(BIN)/effdeploy bench --config configs/imagenet_b0_random.yaml --images 100 --runs 100 --repeats 2 \
-	  --out benchmarks/results/bench/imagenet_b0_random $(BENCH_ARGS)
+	$(MAKE) bench BENCH_CONFIGS=configs/imagenet_b0_random.yaml \
+	  BENCH_ARGS="--images 100 --runs 100 --repeats 2 --out benchmarks/results/bench/imagenet_b0_random $(BENCH_ARGS)"
 
 # ---- EfficientNet-Lite0 with real ImageNet weights (imported from the registry package) -------
 $(MODELS)/imagenet_lite0/model.safetensors: | $(STAMP)
